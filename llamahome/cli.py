@@ -1,0 +1,139 @@
+"""What `python -m llamahome.launch --gin_file=... --gin_param=...` runs.
+
+Which job runs (train, evaluate, generate, import_hf, build_cache, ...) is itself a gin
+binding, `launch.job = @train`, so one command runs every job. Settings are bound in this
+order, later winning: gin files, `--config_toml`, the environment (`.env`, `LLAMAHOME_*`),
+`--gin_param`. Each run gets a run dir holding the config it ran with (secrets redacted).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gin
+from absl import app, flags
+from absl import logging as absl_logging
+
+import llamahome
+from llamahome import paths, secrets
+from llamahome.config import env as env_config
+from llamahome.config import gin_config
+from llamahome.config.toml import toml_to_bindings
+from llamahome.errors import ConfigError, UserError
+
+FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
+PARAMS = flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'train.steps=100'.")
+TOML = flags.DEFINE_string("config_toml", None, "A TOML settings file; see llamahome/config/toml.py.")
+DOTENV = flags.DEFINE_string("env_file", ".env", "A .env file to load at start if it exists.")
+
+CONFIG_FILE = "config.gin"
+OPERATIVE_CONFIG_FILE = "operative_config.gin"
+
+
+def import_configurables() -> None:
+    """Imports every llamahome module so that all gin configurables and jobs are registered."""
+    for module in pkgutil.walk_packages(llamahome.__path__, prefix="llamahome."):
+        importlib.import_module(module.name)
+
+
+def new_run_dir() -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = paths.runs_dir() / stamp
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = paths.runs_dir() / f"{stamp}-{suffix}"
+    return run_dir
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename, so readers never see half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_config(run_dir: Path, name: str, config: str) -> Path:
+    """Writes a gin config string into the run dir with secrets redacted."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / name
+    write_text_atomic(path, secrets.redact_gin_config(config))
+    return path
+
+
+@gin.configurable
+def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None,
+           write_config: bool = True) -> object:
+    """Runs `job(run_dir=...)` in a fresh or given run dir, saving the config it runs with."""
+    from llamahome.parallel import distributed  # noqa: PLC0415  (after gin is bound)
+
+    distributed.initialize()
+    run_path = Path(run_dir).expanduser() if run_dir else new_run_dir()
+    is_writer = distributed.is_coordinator()
+    if is_writer and write_config:
+        save_config(run_path, CONFIG_FILE, gin.config_str())
+    absl_logging.info("run dir: %s", run_path)
+    result = job(run_dir=str(run_path))
+    if is_writer and write_config:
+        save_config(run_path, OPERATIVE_CONFIG_FILE, gin.operative_config_str())
+    return result
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        time = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        return secrets.redact(f"{time} {record.levelname[0]} {record.name}] {record.getMessage()}")
+
+
+def setup_logging() -> None:
+    handler = absl_logging.get_absl_handler()
+    handler.setFormatter(_Formatter())
+    absl_logging.use_absl_handler()
+
+
+def bind_all(gin_files: Sequence[str], gin_params: Sequence[str], toml_path: str | None,
+             env_file: str | None) -> None:
+    """Binds gin files < TOML < environment < gin params (see llamahome/config/env.py)."""
+    if env_file:
+        env_config.load_dotenv(Path(env_file))
+    import_configurables()
+    toml_bindings = toml_to_bindings(Path(toml_path)) if toml_path else []
+    gin_config.parse_config(gin_files, toml_bindings, env_config.env_bindings(), gin_params)
+
+
+def require_job() -> None:
+    """A clear error when no gin file bound `launch.job`, listing the jobs there are."""
+    from llamahome.jobs import JOBS  # noqa: PLC0415
+
+    try:
+        gin.query_parameter("launch.job")
+    except ValueError:
+        raise ConfigError("no job to run: bind one, e.g. --gin_param='launch.job=@train' or a gin "
+                          f"file from gin/; jobs: {', '.join(sorted(JOBS))}") from None
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; settings go in --gin_param", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        bind_all(FLAGS.value, PARAMS.value, TOML.value, DOTENV.value)
+        require_job()
+        launch()
+    except UserError as e:
+        print(f"error: {secrets.redact(str(e))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    app.run(lambda argv: sys.exit(main(argv)))
+

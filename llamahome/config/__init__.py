@@ -1,0 +1,1 @@
+"""Turning gin files, the environment, a TOML file and --gin_param flags into gin bindings."""
