@@ -63,17 +63,18 @@ _NO_PARAMETER = re.compile(r"Configurable '([^']+)' doesn't have a parameter nam
 def explain_gin_error(error: Exception, where: str = "") -> ConfigError:
     """Turns a gin parse error into a ConfigError that suggests the nearest valid name."""
     message = str(error).strip()
+    hint = ""
     if (m := _NO_CONFIGURABLE.search(message)):
         name = m.group(1).rsplit(".", 1)[-1].split("/")[-1]
-        message += did_you_mean(name, configurable_names())
+        hint = did_you_mean(name, configurable_names())
     elif (m := _NO_PARAMETER.search(message)):
         configurable, param = m.groups()
         params = parameter_names(configurable)
-        message += did_you_mean(param, params) or (
+        hint = did_you_mean(param, params) or (
             f" Its parameters: {', '.join(params)}." if params else "")
     if where and where not in message:
         message = f"{where}: {message}"
-    return ConfigError(message)
+    return ConfigError(message + (f"\n {hint}" if hint else ""))
 
 
 def _parse_bindings(bindings: Sequence[str], where: str) -> None:
