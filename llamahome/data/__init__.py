@@ -1,0 +1,1 @@
+"""Raw documents to packed batches: sources, tokenizers, the token cache, the Grain pipeline."""

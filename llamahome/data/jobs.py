@@ -1,0 +1,82 @@
+"""Data jobs: `build_cache` (tokenize the bound data set ahead of training) and `train_tokenizer`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import logging
+
+from llamahome.cache import CacheManager
+from llamahome.data.pipeline import cache_name_for, data_pipeline
+from llamahome.data.sources import Skipped
+from llamahome.data.token_cache import TokenCache, build_token_cache
+from llamahome.data.tokenizer import load_tokenizer
+from llamahome.jobs import job
+
+
+@job
+def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = None) -> dict:
+    """Builds the token caches of `data_pipeline` (sources and validation sources); returns their stats."""
+    config = data_pipeline()
+    tokenizer = load_tokenizer()
+    manager = CacheManager()
+    workers = config.build_workers if num_workers is None else num_workers
+    report = {}
+    for split, sources in (("train", config.sources), ("validation", config.validation_sources)):
+        if not sources:
+            continue
+        name = cache_name_for(sources, config.cache_name if split == "train" else None)
+        start = time.perf_counter()
+        path = build_token_cache(sources, tokenizer, manager, name=name, options=config.options,
+                                 num_workers=workers, rebuild=rebuild,
+                                 progress=lambda done, total: logging.info("shards %d/%d", done, total))
+        seconds = time.perf_counter() - start
+        cache = TokenCache(path, vocab_size=tokenizer.vocab_size)
+        report[split] = {"path": str(path), "documents": cache.num_docs, "tokens": cache.num_tokens,
+                         "skipped": cache.meta["skipped"], "seconds": round(seconds, 3)}
+        logging.info("%s cache %s: %d documents, %d tokens, %d skipped records (%.1fs)", split,
+                     path, cache.num_docs, cache.num_tokens, cache.meta["skipped"], seconds)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "cache_stats.json").write_text(json.dumps(manager.stats(), indent=1))
+    return report
+
+
+def _texts(sources: Sequence):
+    """Every document's text (chat records contribute each message) from `sources`."""
+    for source in sources:
+        for shard in source.shards():
+            for doc in source.read(shard):
+                if isinstance(doc, Skipped):
+                    continue
+                if doc.text is not None:
+                    yield doc.text
+                else:
+                    yield from (m["content"] for m in doc.messages)
+
+
+@job
+def train_tokenizer(run_dir: str, sources: Sequence | None = None, vocab_size: int = 8192,
+                    output: str | None = None, min_frequency: int = 2,
+                    special_tokens: Sequence[str] = ("<s>", "</s>", "<pad>")) -> str:
+    """Trains a byte-level BPE tokenizer.json on `sources` (default: data_pipeline's); returns its dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    sources = sources or data_pipeline().sources
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_texts(sources), trainer=trainer)
+    out = Path(output).expanduser() if output else Path(run_dir) / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    bos, eos, pad = (list(special_tokens) + [None] * 3)[:3]
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=1))
+    logging.info("tokenizer with %d tokens written to %s", tokenizer.get_vocab_size(), out)
+    return str(out)
