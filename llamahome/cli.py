@@ -72,8 +72,10 @@ def save_config(run_dir: Path, name: str, config: str) -> Path:
 def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None,
            write_config: bool = True) -> object:
     """Runs `job(run_dir=...)` in a fresh or given run dir, saving the config it runs with."""
+    from llamahome.hub.security import apply_memory_limits  # noqa: PLC0415
     from llamahome.parallel import distributed  # noqa: PLC0415  (after gin is bound)
 
+    apply_memory_limits()  # XLA_PYTHON_CLIENT_* must be set before JAX starts its backend
     distributed.initialize()
     run_path = Path(run_dir).expanduser() if run_dir else new_run_dir()
     is_writer = distributed.is_coordinator()
