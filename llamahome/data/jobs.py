@@ -13,7 +13,7 @@ from llamahome.cache import CacheManager
 from llamahome.data.pipeline import cache_name_for, data_pipeline
 from llamahome.data.sources import Skipped
 from llamahome.data.token_cache import TokenCache, build_token_cache
-from llamahome.data.tokenizer import load_tokenizer
+from llamahome.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from llamahome.jobs import job
 
 
@@ -44,7 +44,7 @@ def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = N
     return report
 
 
-def _texts(sources: Sequence):
+def source_texts(sources: Sequence):
     """Every document's text (chat records contribute each message) from `sources`."""
     for source in sources:
         for shard in source.shards():
@@ -62,21 +62,7 @@ def train_tokenizer(run_dir: str, sources: Sequence | None = None, vocab_size: i
                     output: str | None = None, min_frequency: int = 2,
                     special_tokens: Sequence[str] = ("<s>", "</s>", "<pad>")) -> str:
     """Trains a byte-level BPE tokenizer.json on `sources` (default: data_pipeline's); returns its dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-
-    sources = sources or data_pipeline().sources
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_texts(sources), trainer=trainer)
     out = Path(output).expanduser() if output else Path(run_dir) / "tokenizer"
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"))
-    bos, eos, pad = (list(special_tokens) + [None] * 3)[:3]
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=1))
-    logging.info("tokenizer with %d tokens written to %s", tokenizer.get_vocab_size(), out)
+    train_bpe_tokenizer(source_texts(sources or data_pipeline().sources), out, vocab_size,
+                        min_frequency, special_tokens)
     return str(out)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import gin
+from absl import logging
 
 from llamahome.errors import DataError
 
@@ -137,7 +138,8 @@ class HFTokenizer(_ChatMixin):
         return [_wrap(e.ids, self.bos_id, self.eos_id, add_bos, add_eos) for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        """Text of `ids`; special tokens (BOS/EOS/pad) are dropped, as SentencePiece does."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
 class SentencePieceTokenizer(_ChatMixin):
@@ -227,3 +229,26 @@ def load_tokenizer(path: str = gin.REQUIRED, bos_token: str | None = None,
                    eos_token: str | None = None, pad_token: str | None = None) -> Tokenizer:
     """Loads a tokenizer.json, a SentencePiece model, or a directory holding either."""
     return tokenizer_from_spec(TokenizerSpec(str(path), bos_token, eos_token, pad_token))
+
+
+def train_bpe_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192,
+                        min_frequency: int = 2,
+                        special_tokens: Sequence[str] = ("<s>", "</s>", "<pad>")) -> Path:
+    """Trains a byte-level BPE on `texts`; writes tokenizer.json + tokenizer_config.json into `out`."""
+    from tokenizers import Tokenizer as HFTokenizerModel  # noqa: PLC0415
+    from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    tokenizer = HFTokenizerModel(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    bos, eos, pad = (list(special_tokens) + [None] * 3)[:3]
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=1))
+    logging.info("tokenizer with %d tokens written to %s", tokenizer.get_vocab_size(), out)
+    return out
