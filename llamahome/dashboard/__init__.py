@@ -1,0 +1,6 @@
+"""The dashboard: a local web app to watch, compare and sample from runs (`launch.job = @dashboard`).
+
+`app.py` holds the Starlette app and its JSON API, `run_files.py` reads run dirs, `server.py`
+the gin job that serves it on loopback, `playground.py` the sampling endpoint's logic, and
+`static/` the pages with their SVG plotter (no CDN: everything is served from the package).
+"""

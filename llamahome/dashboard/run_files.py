@@ -1,0 +1,213 @@
+"""Reading run dirs in the format training writes (see /work/notes/contracts.md, "Run dir").
+
+A run dir holds `config.gin`, `operative_config.gin`, `metrics.jsonl` (one JSON object per
+line, `split` "train" or "eval"), `status.json` (a heartbeat replaced atomically: status,
+step, total_steps, model, started, updated, pid, host), `checkpoints/<step>/` and
+`cache_stats.json`. Every reader here tolerates a missing or half-written file: a run that
+has just started, or one being written while it is read, is shown with what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+CONFIG_FILE = "config.gin"
+OPERATIVE_CONFIG_FILE = "operative_config.gin"
+METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+CACHE_STATS_FILE = "cache_stats.json"
+CHECKPOINTS_DIR = "checkpoints"
+RUN_MARKERS = (STATUS_FILE, METRICS_FILE, CONFIG_FILE)
+
+STALE = "stale"  # shown for a "running" heartbeat older than the threshold: the process died
+MAX_METRICS_BYTES = 4 << 20  # one metrics response reads at most this much; the client pages on
+_TAIL_BLOCK = 64 << 10
+_MODEL_NAME = re.compile(r"^LlamaConfig\.name\s*=\s*['\"]([^'\"]+)['\"]", re.MULTILINE)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or not (yet) valid JSON."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def run_dir_of(runs_dir: Path, name: str) -> Path | None:
+    """The run dir `runs_dir/name`, or None if `name` is not a run directly under `runs_dir`."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return None
+    path = runs_dir / name
+    return path if is_run_dir(path) else None
+
+
+def effective_status(status: dict | None, now: float, stale_after_s: float) -> str:
+    """The status to show: a "running" heartbeat older than `stale_after_s` becomes "stale"."""
+    if not status:
+        return "unknown"
+    value = str(status.get("status", "unknown"))
+    updated = status.get("updated")
+    if value == "running" and isinstance(updated, (int, float)) and now - updated > stale_after_s:
+        return STALE
+    return value
+
+
+def _finite_or_none(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def parse_records(data: bytes) -> tuple[list[dict], int]:
+    """Parses complete JSONL lines of `data`; returns (records, bytes consumed).
+
+    A last line without its newline is still being written and is left for the next read;
+    lines that are not JSON objects are skipped. NaN and infinities (a diverged loss, an
+    unknown MFU) become None, since browsers' JSON has no such numbers.
+    """
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append({k: _finite_or_none(v) for k, v in record.items()})
+    return records, end
+
+
+def read_metrics(run_dir: Path, since: int = 0, max_bytes: int = MAX_METRICS_BYTES) -> dict:
+    """Records of metrics.jsonl from byte offset `since`: {records, next, size, reset}.
+
+    `next` is the offset to pass as `since` on the next call; `reset` is True when `since`
+    lies past the end (the file was replaced), in which case reading restarted at 0.
+    """
+    path = run_dir / METRICS_FILE
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return {"records": [], "next": 0, "size": 0, "reset": since > 0}
+    reset = since > size or since < 0
+    start = 0 if reset else since
+    with path.open("rb") as f:
+        f.seek(start)
+        data = f.read(max_bytes)
+    records, consumed = parse_records(data)
+    if consumed == 0 and len(data) == max_bytes:  # one line longer than max_bytes: skip it
+        consumed = len(data)
+    return {"records": records, "next": start + consumed, "size": size, "reset": reset}
+
+
+def last_train_record(run_dir: Path) -> dict | None:
+    """The last complete "train" record of metrics.jsonl, read from the end of the file."""
+    path = run_dir / METRICS_FILE
+    try:
+        with path.open("rb") as f:
+            end = path.stat().st_size
+            pending = b""  # bytes after `end` not yet parsed: a line cut by the block boundary
+            while end > 0:
+                start = max(0, end - _TAIL_BLOCK)
+                f.seek(start)
+                data = f.read(end - start) + pending
+                end = start
+                cut = 0 if start == 0 else data.find(b"\n") + 1  # the first line may be cut
+                if start > 0 and cut == 0:
+                    pending = data
+                    continue
+                records, _ = parse_records(data[cut:])
+                for record in reversed(records):
+                    if record.get("split", "train") == "train":
+                        return record
+                pending = data[:cut]
+    except OSError:
+        return None
+    return None
+
+
+def model_name(run_dir: Path, status: dict | None) -> str | None:
+    """The model preset: status.json's `model`, else `LlamaConfig.name` in the saved config."""
+    if status and status.get("model"):
+        return str(status["model"])
+    for name in (OPERATIVE_CONFIG_FILE, CONFIG_FILE):
+        text = read_text(run_dir / name)
+        if text and (m := _MODEL_NAME.search(text)):
+            return m.group(1)
+    return None
+
+
+def dir_size(path: Path) -> int:
+    """Total bytes of the regular files under `path`."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for file in files:
+            try:
+                total += os.lstat(os.path.join(root, file)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def list_checkpoints(run_dir: Path) -> list[dict]:
+    """Committed checkpoints `checkpoints/<step>/`, by step: [{step, bytes, path, mtime}].
+
+    Orbax writes a step under a temporary name and renames it when complete, so only
+    directories named by an integer are listed.
+    """
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    checkpoints = []
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name.isdigit():
+            checkpoints.append({"step": int(entry.name), "bytes": dir_size(entry),
+                                "path": str(entry), "mtime": entry.stat().st_mtime})
+    return sorted(checkpoints, key=lambda c: c["step"])
+
+
+def run_summary(run_dir: Path, stale_after_s: float, now: float | None = None) -> dict:
+    """One row of the runs list: name, status, model, steps, last loss, tokens/s, start time."""
+    now = time.time() if now is None else now
+    status = read_json(run_dir / STATUS_FILE)
+    last = last_train_record(run_dir) or {}
+    started = (status or {}).get("started")
+    if started is None and (run_dir / CONFIG_FILE).exists():
+        started = (run_dir / CONFIG_FILE).stat().st_mtime
+    return {
+        "name": run_dir.name,
+        "status": effective_status(status, now, stale_after_s),
+        "reported_status": (status or {}).get("status"),
+        "model": model_name(run_dir, status),
+        "step": (status or {}).get("step", last.get("step")),
+        "total_steps": (status or {}).get("total_steps"),
+        "last_loss": last.get("loss"),
+        "tokens_per_sec": last.get("tokens_per_sec"),
+        "started": started,
+        "updated": (status or {}).get("updated"),
+        "host": (status or {}).get("host"),
+        "pid": (status or {}).get("pid"),
+    }
+
+
+def list_runs(runs_dir: Path, stale_after_s: float) -> list[dict]:
+    """Summaries of every run dir directly under `runs_dir`, newest start first."""
+    if not runs_dir.is_dir():
+        return []
+    now = time.time()
+    runs = [run_summary(p, stale_after_s, now) for p in runs_dir.iterdir() if is_run_dir(p)]
+    return sorted(runs, key=lambda r: (r["started"] or 0, r["name"]), reverse=True)

@@ -1,0 +1,142 @@
+"""The dashboard over HTTP: real requests (httpx) to a server on 127.0.0.1 over hand-written run dirs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+from llamahome.dashboard.app import STATIC_DIR, build_app
+from tests.unit.dashboard.fake_runs import serve, write_run
+
+CACHE_STATS = {"hits": 30, "misses": 10, "bytes": 123456, "evictions": 2}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    written = {
+        "live": write_run(root, "live", steps=30, eval_every=10, checkpoints={10: 2048, 30: 4096},
+                          cache_stats=CACHE_STATS, started=2000.0),
+        "dead": write_run(root, "dead", steps=12, heartbeat_age_s=3600, started=1000.0),
+        "done": write_run(root, "done", steps=50, total_steps=50, status="finished", started=3000.0),
+    }
+    return root, written
+
+
+@pytest.fixture(scope="module")
+def url(runs):
+    with serve(build_app(runs[0], stale_after_s=120)) as base:
+        yield base
+
+
+def get(url, path, **kw):
+    response = httpx.get(url + path, timeout=10, **kw)
+    return response
+
+
+def test_runs_list_shows_status_model_steps_last_loss_and_tokens_per_sec(url, runs):
+    _, written = runs
+    body = get(url, "/api/runs").json()
+    by_name = {r["name"]: r for r in body["runs"] if r["name"] in written}
+    assert [r["name"] for r in body["runs"] if r["name"] in written] == ["done", "live", "dead"]
+    assert {n: r["status"] for n, r in by_name.items()} == {
+        "live": "running", "dead": "stale", "done": "finished"}
+    for name, records in written.items():
+        last_train = [r for r in records if r["split"] == "train"][-1]
+        row = by_name[name]
+        assert row["last_loss"] == last_train["loss"]
+        assert row["tokens_per_sec"] == last_train["tokens_per_sec"]
+        assert row["step"] == last_train["step"]
+        assert row["model"] == "tiny"
+    assert by_name["live"]["started"] == 2000.0
+
+
+def test_metrics_endpoint_pages_incrementally_with_since(url, runs):
+    root, _ = runs
+    records = write_run(root, "growing", steps=8, eval_every=4)
+    first = get(url, "/api/runs/growing/metrics").json()
+    assert first["records"] == records
+    again = get(url, f"/api/runs/growing/metrics?since={first['next']}").json()
+    assert again["records"] == [] and again["next"] == first["next"]
+    new = [{"step": 9, "time": 1.0, "split": "train", "loss": 2.5},
+           {"step": 9, "time": 2.0, "split": "eval", "loss": 2.75}]
+    with (root / "growing" / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in new))
+    assert get(url, f"/api/runs/growing/metrics?since={first['next']}").json()["records"] == new
+
+
+def test_run_endpoint_carries_the_raw_heartbeat(url, runs):
+    root, _ = runs
+    body = get(url, "/api/runs/dead").json()
+    assert body["status"] == "stale"
+    assert body["status_json"] == json.loads((root / "dead" / "status.json").read_text())
+
+
+def test_config_checkpoints_and_cache_stats_endpoints(url, runs):
+    root, _ = runs
+    config = get(url, "/api/runs/live/config").json()
+    assert config == {"config": (root / "live" / "config.gin").read_text(), "operative_config": None}
+    checkpoints = get(url, "/api/runs/live/checkpoints").json()["checkpoints"]
+    assert [(c["step"], c["bytes"]) for c in checkpoints] == [(10, 2048), (30, 4096)]
+    assert get(url, "/api/runs/live/cache_stats").json() == {"cache_stats": CACHE_STATS}
+    assert get(url, "/api/runs/dead/cache_stats").json() == {"cache_stats": None}
+
+
+@pytest.mark.parametrize("path", ["/api/runs/nope", "/api/runs/nope/metrics", "/api/runs/..%2F..%2Fetc/config",
+                                  "/api/runs/../checkpoints", "/runs/nope"])
+def test_unknown_runs_and_path_tricks_are_404(url, path):
+    assert get(url, path).status_code == 404
+
+
+def test_a_bad_since_is_a_400_that_says_what_since_is(url):
+    response = get(url, "/api/runs/live/metrics?since=abc")
+    assert response.status_code == 400 and "byte offset" in response.json()["error"]
+
+
+def test_a_foreign_host_header_is_refused(url):
+    assert get(url, "/api/runs", headers={"Host": "evil.example:80"}).status_code == 403
+    assert get(url, "/api/runs", headers={"Host": "localhost:1"}).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/", "/runs/live", "/compare?runs=live,done", "/playground?run=live"])
+def test_pages_load_only_scripts_and_styles_served_by_the_package(url, page):
+    response = get(url, page)
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', response.text)
+    assert assets, "a page without its scripts"
+    for asset in assets:
+        assert asset.startswith("/static/"), f"{asset} is not served by the dashboard"
+        served = get(url, asset)
+        assert served.status_code == 200
+        assert served.content == (STATIC_DIR / asset.removeprefix("/static/")).read_bytes()
+    static_text = "".join(p.read_text() for p in STATIC_DIR.iterdir() if p.suffix in (".html", ".js", ".css"))
+    assert not re.search(r"https?://(?!www\.w3\.org/2000/svg\b)", static_text)  # no CDN, nothing remote
+
+
+def test_generate_rejects_a_malformed_body_before_loading_anything(url):
+    response = httpx.post(url + "/api/runs/live/generate", json={"prompt": "hi", "max_new_tokens": 0},
+                          timeout=10)
+    assert response.status_code == 400 and "max_new_tokens" in response.json()["error"]
+    response = httpx.post(url + "/api/runs/live/generate", json={"promt": "hi"}, timeout=10)
+    assert response.status_code == 400 and "promt" in response.json()["error"]
+
+
+def _events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a text/event-stream body."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            fields = dict(line.split(": ", 1) for line in block.split("\n"))
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+def test_generate_without_a_checkpoint_streams_an_error_event_that_says_why(url):
+    response = httpx.post(url + "/api/runs/dead/generate", json={"prompt": "hi"}, timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    [(event, data)] = _events(response)
+    assert event == "error" and "no checkpoint" in data["message"] and "dead" in data["message"]
