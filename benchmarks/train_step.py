@@ -1,0 +1,130 @@
+"""Train-step throughput: one JSON line per (config, dtype) with tokens/s, step time, MFU, memory.
+
+    python benchmarks/train_step.py                       # small and medium, f32 and bf16
+    python benchmarks/train_step.py --config medium --dtype bfloat16
+    python benchmarks/train_step.py --preset llama3_2_1b --seq 2048 --batch 4 --dtype bfloat16
+
+The step is the train job's (AdamW, global-norm clipping, f32 loss), compiled once over all
+devices with the FSDP rules. Times are the median of `--steps` steps after `--warmup`. MFU is
+against the measured matmul peak on CPU (benchmarks/peak.py) and the datasheet peak elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from llamahome.config import gin_config
+from llamahome.model.config import LlamaConfig
+from llamahome.model.llama import Llama, param_logical_axes, param_shapes
+from llamahome.model.llama import init_params as model_init_params
+from llamahome.monitor.mfu import measured_matmul_flops, peak_flops
+from llamahome.parallel import sharding
+from llamahome.parallel.mesh import build_mesh
+from llamahome.parallel.rules import axis_rules
+from llamahome.train import loop, optim
+from llamahome.train.state import init_train_state
+
+CONFIGS = {
+    "small": dict(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                  intermediate_size=688, seq=256, batch=8),
+    "medium": dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                   intermediate_size=1376, seq=512, batch=4),
+}
+
+
+def peak_memory_bytes() -> int:
+    device = jax.devices()[0]
+    if device.platform != "cpu" and device.memory_stats():
+        return int(device.memory_stats().get("peak_bytes_in_use", 0))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, preset: str) -> dict:
+    mesh, rules = build_mesh(), axis_rules(preset)
+    specs = param_logical_axes(config)
+    optimizer, schedule = optim.build_optimizer(1e-4, 1000, decay_mask=optim.decay_mask(specs),
+                                                schedule=optim.constant)
+    abstract, shardings = loop.state_shardings(param_shapes(config), specs, optimizer, mesh, rules)
+    state = sharding.init_sharded(lambda k: init_train_state(model_init_params(config, k), optimizer, 0),
+                                  shardings, jax.random.key(0))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    model = Llama(config)
+    apply_fn = lambda p, x, pos, seg: model.apply({"params": p}, x, pos, seg)  # noqa: E731
+    start = time.perf_counter()
+    step = loop.compile_train_step(abstract, shardings, loop.abstract_batch(batch, seq, batch_sharding),
+                                   mesh, rules, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule)
+    compile_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (batch, seq + 1), dtype=np.int32)
+    data = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                  "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+                                  "segment_ids": np.ones((batch, seq), np.int32),
+                                  "loss_mask": np.ones((batch, seq), np.float32)}, batch_sharding)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    tokens_per_sec = batch * seq / step_time
+    peak = (measured_matmul_flops(config.dtype, (1024, 2048, 3072), 5)
+            if jax.devices()[0].platform == "cpu" else peak_flops(config.dtype))
+    return {"step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
+            "mfu": config.flops_per_token(seq) * tokens_per_sec / peak, "peak_flops": peak,
+            "flops_per_token": config.flops_per_token(seq), "compile_s": compile_s,
+            "peak_memory_bytes": peak_memory_bytes(), "loss": float(metrics["loss"]),
+            "step_times_s": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="all", choices=["all", *CONFIGS])
+    parser.add_argument("--dtype", default="all", choices=["all", "float32", "bfloat16"])
+    parser.add_argument("--preset", help="a gin/models/<preset>.gin instead of --config")
+    parser.add_argument("--seq", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default=None, help="attention_impl (xla | dot_product)")
+    parser.add_argument("--scan_layers", type=int, default=0)
+    parser.add_argument("--rules", default="fsdp", help="axis_rules preset")
+    args = parser.parse_args()
+
+    dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+    runs = []
+    if args.preset:
+        gin_config.parse_config([f"models/{args.preset}.gin"])
+        runs = [(args.preset, LlamaConfig(), args.seq or 2048, args.batch or 4)]
+    else:
+        for name in CONFIGS if args.config == "all" else [args.config]:
+            c = dict(CONFIGS[name])
+            seq, batch = args.seq or c.pop("seq"), args.batch or c.pop("batch")
+            c.pop("seq", None), c.pop("batch", None)
+            runs.append((name, LlamaConfig(name=name, max_seq_len=seq, **c), seq, batch))
+    for name, base, seq, batch in runs:
+        for dtype in dtypes:
+            overrides = dict(dtype=dtype, remat_policy=args.remat, scan_layers=bool(args.scan_layers),
+                             max_seq_len=max(seq, base.max_seq_len))
+            if args.attention:
+                overrides["attention_impl"] = args.attention
+            config = base.replace(**overrides)
+            result = bench(config, seq, batch, args.steps, args.warmup, args.rules)
+            print(json.dumps({"benchmark": "train_step", "config": name, "dtype": dtype, "seq": seq,
+                              "batch": batch, "params": config.num_params(),
+                              "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+                              "attention": config.attention_impl, "remat": config.remat_policy,
+                              **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Metric writers (console, JSONL, TensorBoard), the status heartbeat, MFU and profiling."""

@@ -1,0 +1,1 @@
+"""Training: TrainState, pure train/eval steps, optimizers, checkpoints and the `train` job."""

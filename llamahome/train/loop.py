@@ -1,0 +1,188 @@
+"""Helpers of the train job (llamahome/train/job.py), each doing one thing.
+
+- `state_shardings`: where every leaf of the TrainState lives, from the model's logical names.
+- `init_state` / `restore_or_init`: a TrainState born sharded, from scratch, from a params
+  checkpoint (`init_from`), or from the run dir's latest checkpoint (auto-resume).
+- `compile_train_step` / `compile_eval_step`: the pure steps jit-compiled once, with shardings.
+- `evaluate`: mean loss over (a prefix of) the validation split.
+- `StepReporter`: turns one step's metrics into the JSONL/TensorBoard/progress records,
+  one step behind the step being dispatched so the host never stalls the device.
+- `PreemptionSignal`: SIGTERM/SIGINT set a flag; the loop saves and leaves cleanly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+from llamahome.errors import UserError
+from llamahome.monitor.mfu import mfu
+from llamahome.monitor.writers import MetricsWriter
+from llamahome.parallel import sharding
+from llamahome.parallel.rules import Rules
+from llamahome.train import step as step_lib
+from llamahome.train.checkpoint import Checkpointer, abstract_like
+from llamahome.train.state import TrainState, init_train_state
+
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+                "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+
+
+class NonFiniteLossError(UserError):
+    """The loss or gradient norm became NaN/Inf (train.nan_policy = "stop")."""
+
+
+def state_shardings(params_shape: Any, param_specs: Any, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """(abstract TrainState, its shardings): params by logical name, optimizer state following them."""
+    param_shardings = sharding.logical_shardings(param_specs, mesh, rules)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), params_shape)
+    shardings = TrainState(
+        step=sharding.replicated(mesh), params=param_shardings,
+        opt_state=sharding.follow_params(abstract.opt_state, params_shape, param_shardings, mesh),
+        rng=sharding.replicated(mesh))
+    return abstract, shardings
+
+
+def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, data_iter: Any,
+                    init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+                    seed: int, init_from: str | None, load_params: Callable[..., Any] | None) -> TrainState:
+    """The latest checkpoint of this run if there is one, else a fresh state (params maybe loaded)."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        return ckpt.restore(latest, abstract_like(abstract_state, shardings), data_iter)
+    if init_from:
+        params = load_params(init_from, shardings.params)
+        make = functools.partial(init_train_state, optimizer=optimizer, seed=seed)
+        return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
+    fresh = lambda key: init_train_state(init_params(key), optimizer, seed)  # noqa: E731
+    return sharding.init_sharded(fresh, shardings, jax.random.key(seed))
+
+
+def abstract_batch(batch_size: int, seq_len: int, batch_sharding: NamedSharding) -> dict:
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=batch_sharding)
+            for k, d in BATCH_DTYPES.items()}
+
+
+def compile_train_step(abstract_state: Any, shardings: Any, batch: dict, mesh: Mesh, rules: Rules,
+                       **step_kwargs: Any) -> jax.stages.Compiled:
+    """train_step bound to model/optimizer and compiled once; the state argument is donated."""
+    fn = functools.partial(step_lib.train_step, **step_kwargs)
+    batch_shardings = {k: v.sharding for k, v in batch.items()}
+    return step_lib.compile_step(fn, (abstract_like(abstract_state, shardings), batch),
+                                 (shardings, batch_shardings), (shardings, sharding.replicated(mesh)),
+                                 mesh, rules, donate_argnums=(0,))
+
+
+def compile_eval_step(abstract_params: Any, param_shardings: Any, batch: dict, mesh: Mesh,
+                      rules: Rules, apply_fn: step_lib.ApplyFn) -> jax.stages.Compiled:
+    fn = functools.partial(step_lib.eval_step, apply_fn=apply_fn)
+    batch_shardings = {k: v.sharding for k, v in batch.items()}
+    return step_lib.compile_step(fn, (abstract_like(abstract_params, param_shardings), batch),
+                                 (param_shardings, batch_shardings), sharding.replicated(mesh),
+                                 mesh, rules)
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding,
+             max_batches: int | None) -> float:
+    """Mean loss over every token with loss_mask > 0 in up to `max_batches` validation batches."""
+    loss_sum, tokens = jnp.float32(0), jnp.float32(0)
+    for i, local in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = eval_step(params, sharding.global_batch(local, batch_sharding))
+        loss_sum, tokens = loss_sum + out["loss_sum"], tokens + out["tokens"]
+    tokens = float(tokens)
+    if tokens == 0:
+        raise UserError("the validation split gave no tokens to evaluate; add validation data or "
+                        "set train.eval_every=0")
+    return float(loss_sum) / tokens
+
+
+class StepReporter:
+    """Times steps and writes their metrics; raises NonFiniteLossError under nan_policy "stop"."""
+
+    def __init__(self, writer: MetricsWriter | None, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float, nan_policy: str, log_every: int, ckpt: Checkpointer):
+        self.writer, self.tokens_per_step = writer, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.nan_policy, self.log_every, self.ckpt = nan_policy, log_every, ckpt
+        self.last_time = time.perf_counter()
+        self.last_loss = float("nan")
+
+    def report(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Blocks until step `step` is done, then records it."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time, self.last_time = now - self.last_time, now
+        if not values["finite"]:
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"loss {values['loss']} / grad norm {values['grad_norm']} at step {step} is not "
+                    f"finite; the update was not applied. The last checkpoint is step "
+                    f"{self.ckpt.latest_step()} in {self.ckpt.directory}. Lower train.learning_rate, "
+                    "or set train.nan_policy='skip' to skip such updates")
+            logging.warning("step %d: non-finite loss %s, update skipped", step, values["loss"])
+        self.last_loss = values["loss"]
+        if self.writer is None or step % self.log_every:
+            return
+        tokens_per_sec = self.tokens_per_step / step_time
+        self.writer.train(step, {
+            "loss": values["loss"], "grad_norm": values["grad_norm"],
+            "learning_rate": values["learning_rate"], "tokens_per_sec": tokens_per_sec,
+            "step_time": step_time, "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
+            "tokens_seen": step * self.tokens_per_step})
+
+
+class PreemptionSignal:
+    """Within `with`, SIGTERM and SIGINT set `received` instead of killing the process."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.received = signum
+        logging.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+
+    def __enter__(self) -> PreemptionSignal:
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def check_batch_divisible(batch_size: int, accum_steps: int, batch_sharding: NamedSharding) -> None:
+    """Each microbatch must split evenly over the devices that share the batch."""
+    spec = batch_sharding.spec[0]
+    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+    shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
+    if accum_steps < 1 or batch_size % accum_steps or (batch_size // accum_steps) % shards:
+        raise UserError(f"train.batch_size={batch_size} with gradient_accumulation_steps={accum_steps} "
+                        f"gives microbatches of {batch_size / max(accum_steps, 1):g} rows, which must be a "
+                        f"whole multiple of the {shards} devices the batch is split over ({axes}); "
+                        "change the batch size, the accumulation steps or the mesh")
+
+
+def describe_restore(ckpt: Checkpointer) -> str:
+    latest = ckpt.latest_step()
+    return f"resuming from step {latest}" if latest is not None else "starting from scratch"
+

@@ -1,0 +1,84 @@
+"""Checkpoint round trip with the Grain iterator, restore onto another mesh, retention on disk."""
+
+import gin
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from llamahome.parallel import sharding
+from llamahome.parallel.mesh import build_mesh
+from llamahome.parallel.rules import axis_rules
+from llamahome.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from llamahome.train.state import init_train_state
+
+SPECS = {"w": P("embed", "mlp"), "norm": P("norm")}
+
+
+def make_state(mesh, preset, seed=0):
+    shardings = sharding.logical_shardings(SPECS, mesh, axis_rules(preset))
+    params = {"w": jax.random.normal(jax.random.key(seed), (16, 8)), "norm": jnp.arange(16.0)}
+    tx = optax.adamw(1e-3)
+    state_shape = jax.eval_shape(lambda p: init_train_state(p, tx, seed), params)
+    state_shardings = sharding.follow_params(state_shape, params, shardings, mesh)
+    return sharding.init_sharded(lambda p: init_train_state(p, tx, seed), state_shardings, params), state_shardings
+
+
+def test_round_trip_with_data_iterator_onto_another_mesh(tmp_path, eight_devices):
+    state, _ = make_state(build_mesh(data=1, fsdp=8, tensor=1, devices=eight_devices), "fsdp")
+    data_iter = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+    for _ in range(7):
+        next(data_iter)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(save_steps=1, async_save=True))
+    ckpt.save(7, state, data_iter)
+    expected_next = [next(data_iter) for _ in range(5)]
+    ckpt.close()
+
+    other_mesh = build_mesh(data=2, fsdp=2, tensor=2, devices=eight_devices)
+    _, other_shardings = make_state(other_mesh, "fsdp_tensor", seed=1)
+    fresh_iter = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+    reader = Checkpointer(tmp_path, CheckpointConfig())
+    assert reader.latest_step() == 7
+    restored = reader.restore(7, abstract_like(state, other_shardings), fresh_iter)
+    assert [next(fresh_iter) for _ in range(5)] == expected_next
+    assert restored.params["w"].sharding.spec == P("fsdp", "tensor")
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gin_config_is_stored_with_each_step(tmp_path, eight_devices):
+    gin.parse_config("CheckpointConfig.keep_last_n = 4")
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    ckpt.save(1, state)
+    ckpt.close()
+    assert "CheckpointConfig.keep_last_n = 4" in Checkpointer(tmp_path, CheckpointConfig()).saved_config(1)
+
+
+def test_keep_last_n_and_best_on_disk(tmp_path, eight_devices):
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last_n=2, save_best=True, async_save=False))
+    eval_losses = {10: 5.0, 20: 2.0, 30: 4.0, 40: 3.0, 50: None, 60: None}
+    for step, loss in eval_losses.items():
+        ckpt.save(step, state, eval_loss=loss)
+    ckpt.close()
+    on_disk = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+    assert on_disk == [20, 50, 60]  # best (eval loss 2.0) + the last two
+    reopened = Checkpointer(tmp_path, CheckpointConfig(keep_last_n=2, async_save=False))
+    assert reopened.best_step() == 20
+    reopened.save(70, state, eval_loss=None)  # after a restart, the best is still kept
+    reopened.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [20, 60, 70]
+
+
+def test_unfinished_write_is_never_restored(tmp_path, eight_devices):
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    ckpt.save(5, state)
+    ckpt.close()
+    partial = tmp_path / "6.orbax-checkpoint-tmp"  # how Orbax names a step being written
+    (partial / "state").mkdir(parents=True)
+    reader = Checkpointer(tmp_path, CheckpointConfig())
+    assert reader.latest_step() == 5
