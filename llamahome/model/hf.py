@@ -1,0 +1,315 @@
+"""Hugging Face Llama checkpoints <-> LlamaHome params, without torch (safetensors' numpy API).
+
+    config, params = load_hf_checkpoint("path/to/Llama-3.2-1B")     # a local HF directory
+    save_hf_checkpoint("out/hf", config, params)                     # loads in transformers
+
+A directory holds `config.json` and the weights as `model.safetensors` or sharded
+`model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`. Pickle checkpoints
+(`pytorch_model*.bin`) are refused unless `allow_pickle=True` (then torch reads them with
+`weights_only=True`); remote code is never run. HF stores q/k in the same "rotate half" RoPE
+layout as rope.py, so weights are only transposed and reshaped, never permuted. Both the
+transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) config keys are read
+and written. Errors name the key or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llamahome.errors import CheckpointError, UserError
+from llamahome.model.config import LlamaConfig
+from llamahome.model.rope import inverse_frequencies
+
+# Tensors that HF checkpoints may carry but that are computed, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
+
+
+def config_from_hf(hf_config: dict[str, Any], name: str = "hf", **overrides: Any) -> LlamaConfig:
+    """A LlamaConfig from an HF `config.json` dict; `overrides` set e.g. dtype or param_dtype."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type != "llama":
+        raise CheckpointError(f"config.json model_type {model_type!r} is not supported; only "
+                              "'llama' checkpoints can be imported")
+    for key in _REQUIRED_KEYS:
+        if key not in hf_config:
+            raise CheckpointError(f"config.json is missing key {key!r}")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json hidden_act {hf_config['hidden_act']!r} is not "
+                              "supported; Llama uses 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf_config.get(key):
+            raise CheckpointError(f"config.json {key} = true is not supported (Llama has no biases)")
+    rope_theta, rope_scaling = _rope_from_hf(hf_config)
+    heads = hf_config["num_attention_heads"]
+    fields = dict(
+        name=name, vocab_size=hf_config["vocab_size"], hidden_size=hf_config["hidden_size"],
+        intermediate_size=hf_config["intermediate_size"],
+        num_layers=hf_config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+        head_dim=hf_config.get("head_dim"), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        max_seq_len=hf_config.get("max_position_embeddings", 2048))
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def _rope_from_hf(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from transformers 5's rope_parameters or 4's keys."""
+    if hf_config.get("rope_parameters"):
+        where, params = "rope_parameters", dict(hf_config["rope_parameters"])
+        theta = params.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
+    else:
+        where, params = "rope_scaling", dict(hf_config.get("rope_scaling") or {})
+        theta = hf_config.get("rope_theta", 10000.0)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    scaling = {"rope_type": rope_type, **params}
+    try:
+        inverse_frequencies(2, float(theta), scaling)
+    except UserError as e:
+        raise CheckpointError(f"config.json {where}: {e}") from None
+    return float(theta), scaling
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """The HF `config.json` dict of a LlamaConfig (readable by transformers 4 and 5)."""
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        rope_parameters.update(config.rope_scaling)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.rms_norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+        "rope_parameters": rope_parameters, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": config.param_dtype, "use_cache": True,
+    }
+
+
+# HF name of each layer tensor -> (our path under params["layers"], HF -> ours, ours -> HF).
+def _layer_tensors(c: LlamaConfig) -> dict[str, tuple[tuple[str, str], Callable, Callable]]:
+    d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    same = (lambda w: w, lambda w: w)
+    return {
+        "self_attn.q_proj.weight": (("attention", "q_proj"), lambda w: w.T.reshape(d, n, h),
+                                    lambda w: w.reshape(d, n * h).T),
+        "self_attn.k_proj.weight": (("attention", "k_proj"), lambda w: w.T.reshape(d, k, h),
+                                    lambda w: w.reshape(d, k * h).T),
+        "self_attn.v_proj.weight": (("attention", "v_proj"), lambda w: w.T.reshape(d, k, h),
+                                    lambda w: w.reshape(d, k * h).T),
+        "self_attn.o_proj.weight": (("attention", "o_proj"), lambda w: w.T.reshape(n, h, d),
+                                    lambda w: w.reshape(n * h, d).T),
+        "mlp.gate_proj.weight": (("mlp", "gate_proj"), np.transpose, np.transpose),
+        "mlp.up_proj.weight": (("mlp", "up_proj"), np.transpose, np.transpose),
+        "mlp.down_proj.weight": (("mlp", "down_proj"), np.transpose, np.transpose),
+        "input_layernorm.weight": (("attention_norm", "scale"), *same),
+        "post_attention_layernorm.weight": (("mlp_norm", "scale"), *same),
+    }
+
+
+def hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name an HF checkpoint of `c` holds, with its shape."""
+    d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    layer = {"self_attn.q_proj.weight": (n * h, d), "self_attn.k_proj.weight": (k * h, d),
+             "self_attn.v_proj.weight": (k * h, d), "self_attn.o_proj.weight": (d, n * h),
+             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+             "mlp.down_proj.weight": (d, f), "input_layernorm.weight": (d,),
+             "post_attention_layernorm.weight": (d,)}
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(c.num_layers):
+        shapes.update({f"model.layers.{i}.{key}": shape for key, shape in layer.items()})
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, d)
+    return shapes
+
+
+class _TensorReader:
+    """Reads named tensors of an HF directory from safetensors files (or, if allowed, pickle)."""
+
+    def __init__(self, hf_dir: Path, allow_pickle: bool):
+        self.hf_dir = hf_dir
+        self.files: dict[str, Path] = {}  # tensor name -> safetensors file
+        self.loaded: dict[str, np.ndarray] = {}  # tensors already in memory (pickle)
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: hf_dir / file for name, file in weight_map.items()}
+        elif safetensors := sorted(hf_dir.glob("*.safetensors")):
+            for path in safetensors:
+                with safe_open(path, framework="numpy") as f:
+                    self.files.update({name: path for name in f.keys()})
+        elif bins := sorted(hf_dir.glob("pytorch_model*.bin")):
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{hf_dir} holds only pickle weights ({bins[0].name}), which can run code "
+                    "when loaded; convert them to safetensors, or pass allow_pickle=True "
+                    "(import_hf.allow_pickle = True) if you trust their source")
+            self.loaded = _load_pickle(bins)
+        else:
+            raise CheckpointError(f"no weights in {hf_dir}: expected model.safetensors, "
+                                  "model-0000x-of-0000y.safetensors with "
+                                  "model.safetensors.index.json, or pytorch_model.bin")
+
+    def names(self) -> set[str]:
+        return set(self.files) | set(self.loaded)
+
+    def read(self, name: str) -> np.ndarray:
+        if name in self.loaded:
+            return self.loaded[name]
+        path = self.files[name]
+        if not path.is_file():
+            raise CheckpointError(f"tensor {name!r} is listed in {self.hf_dir}/"
+                                  f"model.safetensors.index.json but its file {path.name} is missing")
+        with safe_open(path, framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def _load_pickle(paths: list[Path]) -> dict[str, np.ndarray]:
+    import torch  # noqa: PLC0415  (only for explicitly allowed pickle checkpoints)
+
+    tensors: dict[str, np.ndarray] = {}
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors.update({name: t.float().numpy() for name, t in state.items()})
+    return tensors
+
+
+def read_hf_config(hf_dir: str | os.PathLike, name: str | None = None,
+                   **overrides: Any) -> LlamaConfig:
+    """The LlamaConfig of an HF directory's config.json (named after the directory by default)."""
+    hf_dir = Path(hf_dir).expanduser()
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory: no config.json")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    return config_from_hf(hf_config, name=name or hf_dir.name, **overrides)
+
+
+def load_hf_checkpoint(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
+                       **overrides: Any) -> tuple[LlamaConfig, dict]:
+    """(config, params) of a local HF Llama directory; params are host numpy arrays."""
+    hf_dir = Path(hf_dir).expanduser()
+    config = read_hf_config(hf_dir, **overrides)
+    reader = _TensorReader(hf_dir, allow_pickle)
+    expected = hf_shapes(config)
+    present = reader.names()
+    for name in sorted(expected, key=_natural_key):
+        if name not in present:
+            raise CheckpointError(f"tensor {name!r} is missing from {hf_dir} (config.json says "
+                                  f"{config.num_layers} layers, tie_word_embeddings="
+                                  f"{config.tie_embeddings})")
+    unexpected = sorted(n for n in present - set(expected) if not n.endswith(_IGNORED_SUFFIXES)
+                        and not (config.tie_embeddings and n == "lm_head.weight"))
+    if unexpected:
+        raise CheckpointError(f"{hf_dir} holds tensors a Llama of this config.json does not have: "
+                              f"{', '.join(unexpected[:5])}")
+
+    dtype = config.params_dtype
+
+    def read(name: str) -> np.ndarray:
+        tensor = reader.read(name)
+        if tensor.shape != expected[name]:
+            raise CheckpointError(f"tensor {name!r} in {hf_dir} has shape {tensor.shape}, "
+                                  f"expected {expected[name]} from config.json")
+        return tensor
+
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for key, ((module, param), to_ours, _) in _layer_tensors(config).items():
+        stacked = np.stack([to_ours(read(f"model.layers.{i}.{key}"))
+                            for i in range(config.num_layers)])
+        layers.setdefault(module, {})[param] = stacked.astype(dtype)
+    params = {"embedding": read("model.embed_tokens.weight").astype(dtype),
+              "layers": layers,
+              "final_norm": {"scale": read("model.norm.weight").astype(dtype)}}
+    if not config.tie_embeddings:
+        params["lm_head"] = read("lm_head.weight").T.astype(dtype)
+    return config, params
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def hf_tensors(config: LlamaConfig, params: dict, dtype: Any = None) -> dict[str, np.ndarray]:
+    """HF-named host tensors of `params` (in `dtype`, by default the params' own)."""
+    def host(x) -> np.ndarray:
+        x = np.asarray(x)
+        return np.ascontiguousarray(x.astype(dtype) if dtype is not None else x)
+
+    tensors = {"model.embed_tokens.weight": host(params["embedding"]),
+               "model.norm.weight": host(params["final_norm"]["scale"])}
+    for key, ((module, param), _, to_hf) in _layer_tensors(config).items():
+        stacked = np.asarray(params["layers"][module][param])
+        for i in range(config.num_layers):
+            tensors[f"model.layers.{i}.{key}"] = host(to_hf(stacked[i]))
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = host(np.asarray(params["lm_head"]).T)
+    return tensors
+
+
+def save_hf_checkpoint(hf_dir: str | os.PathLike, config: LlamaConfig, params: dict, *,
+                       dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes `params` as an HF Llama directory (config.json + safetensors, sharded if large).
+
+    The directory is written under a temporary name and renamed into place, so a killed
+    export never leaves a half-written model behind; an existing non-empty `hf_dir` is refused.
+    """
+    hf_dir = Path(hf_dir).expanduser()
+    if hf_dir.exists() and any(hf_dir.iterdir()):
+        raise CheckpointError(f"{hf_dir} already exists and is not empty; choose another "
+                              "output directory or remove it")
+    tensors = hf_tensors(config, params, dtype)
+    shards = _shard(tensors, max_shard_bytes)
+    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf_config = config_to_hf(config)
+    if dtype is not None:
+        hf_config["torch_dtype"] = np.dtype(dtype).name
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        total = sum(t.nbytes for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if hf_dir.exists():
+        hf_dir.rmdir()
+    os.replace(tmp, hf_dir)
+    return hf_dir
+
+
+def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors, key=_natural_key):
+        if shards[-1] and size + tensors[name].nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += tensors[name].nbytes
+    return shards

@@ -1,0 +1,59 @@
+"""A fixed-size key/value cache for decoding: prefill a prompt batch, then one token per step.
+
+    cache = init_cache(config, batch_size, max_len)
+    logits, cache = model.apply({"params": p}, tokens, positions, segment_ids, cache=cache)
+
+Shapes (a pytree, so it passes through `jax.jit` and can be donated):
+    k, v         [layers, batch, max_len, kv_heads, head_dim]  compute dtype, keys already rotated
+    segment_ids  [batch, max_len] int32  segment id of each written slot; 0 = padding or empty
+    index        [] int32                the next slot to write, shared by the whole batch
+
+Each call writes its T new keys/values to slots [index, index + T) of every row and advances
+index by T. Query t of the call sits at slot index + t and attends slot s only if s <= index + t,
+segment_ids[s] equals its own segment id, and segment_ids[s] != 0 (attention.attention_mask).
+
+Left-padded prompts of different lengths: pad each row on the left to the same length T and
+pass segment_ids 1 on real tokens and 0 on padding, with positions counting real tokens only
+(`left_padded_positions`); decode steps then pass segment_ids 1 and each row's next position.
+Padding slots carry segment 0, so no query ever attends them, and every row's real tokens line
+up on the same slots, so one shared index suffices. index + T must stay <= max_len: writes past
+the end are clamped by `lax.dynamic_update_slice`, so the caller sizes max_len for prompt plus
+new tokens.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from llamahome.model.config import LlamaConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys, values and segment ids of every slot written so far, and the next slot to write."""
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    segment_ids: jax.Array  # [batch, max_len] int32, 0 = padding or not yet written
+    index: jax.Array  # [] int32
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
+               dtype: jnp.dtype | None = None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+
+def left_padded_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, T] of left-padded rows: 0, 1, ... over real tokens, 0 on padding."""
+    return jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32)
