@@ -91,13 +91,39 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         time = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        return secrets.redact(f"{time} {record.levelname[0]} {record.name}] {record.getMessage()}")
+        return secrets.redact(f"{time} {record.levelname[0]} {_source(record)}] {record.getMessage()}")
+
+
+def _source(record: logging.LogRecord) -> str:
+    """'llamahome.train.job' style names for absl records (absl names every logger 'absl')."""
+    path = Path(record.pathname)
+    if "llamahome" in path.parts:
+        parts = path.with_suffix("").parts
+        return ".".join(parts[len(parts) - 1 - parts[::-1].index("llamahome"):])
+    return record.name if record.name not in ("absl", "root") else path.stem
+
+
+# Libraries whose INFO lines are noise at the default verbosity (orbax logs every save step
+# by step; gin logs each include path it tries). `--verbosity=1` shows them.
+_CHATTY = ("orbax", "gin", "jax", "grain", "etils", "tensorstore")
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and "gin" not in Path(record.pathname).parts:
+            return True
+        if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+            return True
+        return not any(part in _CHATTY for part in Path(record.pathname).parts)
 
 
 def setup_logging() -> None:
+    """absl logging with 'HH:MM:SS L module] message' lines, secrets redacted, libraries quiet."""
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(_Formatter())
+    handler.addFilter(_QuietLibraries())
     absl_logging.use_absl_handler()
+    logging.getLogger().addFilter(_QuietLibraries())
 
 
 def bind_all(gin_files: Sequence[str], gin_params: Sequence[str], toml_path: str | None,
