@@ -1,0 +1,1 @@
+"""Inference: KV-cache generation, samplers, perplexity, and the `generate` / `evaluate` jobs."""

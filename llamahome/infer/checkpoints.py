@@ -1,0 +1,212 @@
+"""Loading a model for inference from any of the three places LlamaHome keeps weights.
+
+    model = load_model("runs/20250101-120000")                 # a training run: latest step
+    model = load_model("runs/20250101-120000", step=200)       # ... or a given step
+    model = load_model("runs/20250101-120000/checkpoints/200") # the same, by path
+    model = load_model("models/llama3_2_1b")                   # import_hf: params/ + model.gin
+    model = load_model("/models/Llama-3.2-1B")                 # a Hugging Face directory
+
+A training step (llamahome/train/checkpoint.py) holds the whole TrainState; only its params
+are read (Orbax partial restore), so the optimizer state never reaches memory. The model
+config comes from the gin config saved with the step (or the run dir's config.gin), a
+params checkpoint's model.gin, or an HF config.json; `config` stands in when there is none.
+`overrides` change run-time fields (e.g. dtype="bfloat16"). With a mesh the params are
+restored directly onto their shardings from the logical axis rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from gin import config_parser
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from llamahome.data.tokenizer import TokenizerSpec
+from llamahome.errors import CheckpointError
+from llamahome.model import hf, params_io
+from llamahome.model.config import LlamaConfig
+from llamahome.model.hf_jobs import MODEL_GIN, PARAMS_SUBDIR
+from llamahome.model.llama import param_logical_axes, param_shapes
+from llamahome.parallel.rules import Rules
+from llamahome.parallel.sharding import logical_shardings
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model config, its params (device arrays), and its tokenizer if the checkpoint says."""
+
+    config: LlamaConfig
+    params: dict
+    tokenizer: TokenizerSpec | None
+    kind: str  # "train" | "params" | "hf"
+    path: Path  # the step dir, params dir or HF dir read
+    step: int | None = None
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.name.isdigit() and (path / "state").is_dir()
+
+
+def _steps(checkpoints: Path) -> list[int]:
+    return sorted(int(p.name) for p in checkpoints.iterdir() if _is_step_dir(p))
+
+
+def resolve(path: str | Path, step: int | None = None) -> tuple[str, Path]:
+    """(kind, directory) of what `path` names: a train step dir, a params checkpoint, an HF dir."""
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / "config.json").is_file():
+        return "hf", path
+    if _is_step_dir(path):
+        return "train", path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name == "checkpoints":
+        steps = _steps(path)
+        if not steps:
+            raise CheckpointError(f"{path} holds no finished checkpoint step yet")
+        if step is None:
+            return "train", path / str(steps[-1])
+        if step not in steps:
+            raise CheckpointError(f"{path} has no step {step}; it has steps {steps}")
+        return "train", path / str(step)
+    if (path / PARAMS_SUBDIR).is_dir():
+        return "params", path / PARAMS_SUBDIR
+    if (path / "_CHECKPOINT_METADATA").is_file() or (path / "_METADATA").is_file():
+        return "params", path
+    raise CheckpointError(
+        f"{path} is not a checkpoint: expected a training run dir (with checkpoints/<step>/), "
+        "a step dir, an import_hf output (params/ + model.gin) or a Hugging Face directory "
+        "(config.json + safetensors)")
+
+
+def gin_bindings(text: str, configurable: str) -> dict[str, Any]:
+    """The unscoped bindings `configurable.<arg> = value` in a gin config text, macros resolved.
+
+    Read with gin's parser without touching the global gin config, so a saved run config can
+    be inspected while another is bound.
+    """
+    class Delegate(config_parser.ParserDelegate):
+        def configurable_reference(self, scoped_name, evaluate):
+            return ("@", scoped_name)
+
+        def macro(self, name):
+            return ("%", name)
+
+    macros, bindings = {}, {}
+    for statement in config_parser.ConfigParser(text, Delegate()):
+        if not isinstance(statement, config_parser.BindingStatement) or statement.scope:
+            continue
+        if not statement.arg_name:
+            macros[statement.selector] = statement.value
+        elif statement.selector.rsplit(".", 1)[-1] == configurable:
+            bindings[statement.arg_name] = statement.value
+
+    def resolve_macro(value, depth=0):
+        while isinstance(value, tuple) and len(value) == 2 and value[0] == "%" and depth < 16:
+            value, depth = macros.get(value[1]), depth + 1
+        return value
+
+    return {arg: resolve_macro(value) for arg, value in bindings.items()}
+
+
+def _saved_gin_config(step_dir: Path) -> str:
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            return checkpointer.restore(step_dir / "config")["gin_config"]
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        run_config = step_dir.parent.parent / "config.gin"
+        if run_config.is_file():
+            return run_config.read_text()
+        raise CheckpointError(f"{step_dir} has no saved gin config (config/) and its run dir no "
+                              "config.gin; cannot tell which model it holds") from None
+
+
+def _config_from_gin(text: str, where: Path) -> LlamaConfig:
+    fields = gin_bindings(text, "LlamaConfig")
+    try:
+        return LlamaConfig(**fields)
+    except TypeError as e:
+        raise CheckpointError(f"the LlamaConfig bindings of {where} do not build a config: {e}")
+
+
+def _tokenizer_in(*folders: Path) -> TokenizerSpec | None:
+    for folder in folders:
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                return TokenizerSpec(str(folder))
+    return None
+
+
+def _tokenizer_bound(gin_text: str) -> TokenizerSpec | None:
+    """The tokenizer a training run's gin config binds (load_tokenizer.*)."""
+    bound = gin_bindings(gin_text, "load_tokenizer")
+    if not isinstance(bound.get("path"), str):
+        return None
+    return TokenizerSpec(bound["path"], *(bound.get(f"{t}_token") for t in ("bos", "eos", "pad")))
+
+
+def _shardings(config: LlamaConfig, mesh: Mesh | None, rules: Rules | None):
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, param_shapes(config))
+    return logical_shardings(param_logical_axes(config), mesh, rules)
+
+
+def _restore_train_params(step_dir: Path, config: LlamaConfig, shardings) -> dict:
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          param_shapes(config), shardings)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                                target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        try:
+            restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args},
+                partial_restore=True))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"cannot read the params of {step_dir}: {e}") from e
+    return restored["params"]
+
+
+def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig | None = None,
+               mesh: Mesh | None = None, rules: Rules | None = None,
+               **overrides: Any) -> LoadedModel:
+    """Reads config and params from a run dir / step dir / params checkpoint / HF directory."""
+    kind, where = resolve(path, step)
+    if kind == "hf":
+        hf_config, host_params = hf.load_hf_checkpoint(where, **overrides)
+        params = jax.device_put(host_params, _shardings(hf_config, mesh, rules))
+        return LoadedModel(hf_config, params, _tokenizer_in(where), kind, where)
+    if kind == "train":
+        text = _saved_gin_config(where)
+        model_config = _config_from_gin(text, where).replace(**overrides)
+        params = _restore_train_params(where, model_config,
+                                       _shardings(model_config, mesh, rules))
+        return LoadedModel(model_config, params, _tokenizer_bound(text), kind, where,
+                           int(where.name))
+    model_gin = where.parent / MODEL_GIN
+    if model_gin.is_file():
+        model_config = _config_from_gin(model_gin.read_text(), model_gin)
+    elif config is not None:
+        model_config = config
+    else:
+        raise CheckpointError(f"{where} has no model.gin beside it; bind the LlamaConfig preset "
+                              "it was made with (e.g. --gin_file=gin/models/<name>.gin)")
+    model_config = model_config.replace(**overrides)
+    params = params_io.load_params(where, model_config, _shardings(model_config, mesh, rules))
+    return LoadedModel(model_config, params, _tokenizer_in(where.parent, where), kind, where)
+
+
+def describe(model: LoadedModel) -> str:
+    """One line naming what was loaded."""
+    at = f" step {model.step}" if model.step is not None else ""
+    return (f"{model.config.name} ({model.config.num_params():,} params) from {model.kind} "
+            f"checkpoint {model.path}{at}")
+

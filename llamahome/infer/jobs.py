@@ -1,0 +1,173 @@
+"""The `generate` and `evaluate` jobs (gin/jobs/generate.gin, gin/jobs/evaluate.gin).
+
+    python -m llamahome.launch --gin_file=gin/jobs/generate.gin \\
+        --gin_param="generate.checkpoint='runs/<run>'" --gin_param="generate.prompts=['Once upon']"
+streams the completions to the console and writes <run_dir>/generations.jsonl, one line per
+prompt: {"index", "prompt" | "messages", "completion", "token_ids", "prompt_tokens",
+"finish_reason", "seed"}.
+
+    python -m llamahome.launch --gin_file=gin/data/<set>.gin --gin_file=gin/jobs/evaluate.gin \\
+        --gin_param="evaluate.checkpoint='runs/<run>'"
+writes {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "batches"} to
+<run_dir>/eval_results.json and an eval line to <run_dir>/metrics.jsonl.
+
+`checkpoint` is a training run dir (latest step, or `step`), a step dir, an import_hf output
+or a Hugging Face directory (see checkpoints.py). Both jobs lay the params out on the mesh
+and axis rules bound for training (build_mesh, axis_rules).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+from absl import logging
+
+from llamahome.cache import CacheManager
+from llamahome.data.pipeline import make_data_iterator
+from llamahome.data.tokenizer import load_tokenizer
+from llamahome.errors import DataError
+from llamahome.infer import evaluate as evaluate_lib
+from llamahome.infer.checkpoints import describe, load_model
+from llamahome.infer.generator import Completion, Generator, Prompt, generator_for
+from llamahome.infer.samplers import SamplerConfig
+from llamahome.jobs import job
+from llamahome.model.config import LlamaConfig
+from llamahome.monitor.writers import METRICS_FILE
+from llamahome.parallel import distributed
+from llamahome.parallel.mesh import build_mesh
+from llamahome.parallel.rules import axis_rules
+
+GENERATIONS_FILE = "generations.jsonl"
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a file: JSONL lines with "prompt" or "messages", or plain text, one per line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts: list[Prompt] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e})") from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append(record["prompt"])
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            prompts.append(record["messages"])
+        else:
+            raise DataError(f"{path}:{number}: expected an object with a \"prompt\" string or a "
+                            "\"messages\" list of {\"role\", \"content\"}")
+    return prompts
+
+
+def _as_chat(prompt: Prompt, system: str | None) -> Prompt:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _complete(generator: Generator, batch: Sequence[Prompt], max_new_tokens: int,
+              sampler: SamplerConfig, seed: int, echo: bool) -> list[Completion]:
+    """Completes a batch, printing its text as produced: inline for one prompt, else by row."""
+    stream = generator.stream_batch(batch, max_new_tokens, sampler, seed,
+                                    chunk=4 if echo else max_new_tokens)
+    for pieces in stream:
+        if echo and len(batch) == 1 and pieces[0]:
+            sys.stdout.write(pieces[0])
+            sys.stdout.flush()
+    if echo:
+        texts = [c.text for c in stream.completions]
+        sys.stdout.write("\n" if len(batch) == 1 else
+                         "".join(f"--- [{row}] {text}\n" for row, text in enumerate(texts)))
+        sys.stdout.flush()
+    return stream.completions
+
+
+@job
+def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None = None,
+             tokenizer: str | None = None, prompts: Sequence[str] = (),
+             prompts_file: str | None = None, chat: bool = False, system: str | None = None,
+             max_new_tokens: int = 128, sampler: SamplerConfig | None = None, seed: int = 0,
+             batch_size: int = 8, stream: bool = True, dtype: str | None = None) -> list[dict]:
+    """Completes `prompts` (and those in `prompts_file`) with a checkpoint; see the module doc."""
+    all_prompts: list[Prompt] = list(prompts)
+    if prompts_file:
+        all_prompts += read_prompts(prompts_file)
+    if not all_prompts:
+        raise DataError("no prompts: bind generate.prompts=['...'] or generate.prompts_file")
+    if chat:
+        all_prompts = [_as_chat(p, system) for p in all_prompts]
+    sampler = sampler or SamplerConfig()
+    mesh, rules = build_mesh(), axis_rules()
+    overrides = {"dtype": dtype} if dtype else {}
+    model = load_model(checkpoint, step=step, config=LlamaConfig(), mesh=mesh, rules=rules,
+                       **overrides)
+    logging.info("generating with %s", describe(model))
+    generator = generator_for(model, tokenizer, mesh=mesh, rules=rules)
+    echo = stream and distributed.is_coordinator()
+
+    records, start = [], time.perf_counter()
+    for first in range(0, len(all_prompts), batch_size):
+        batch = all_prompts[first:first + batch_size]
+        completions = _complete(generator, batch, max_new_tokens, sampler, seed + first, echo)
+        for offset, (prompt, completion) in enumerate(zip(batch, completions)):
+            if not echo and distributed.is_coordinator():
+                logging.info("[%d] %s", first + offset, completion.text)
+            records.append({"index": first + offset,
+                            ("prompt" if isinstance(prompt, str) else "messages"): prompt,
+                            "completion": completion.text, "token_ids": completion.token_ids,
+                            "prompt_tokens": completion.prompt_tokens,
+                            "finish_reason": completion.finish_reason, "seed": seed + first})
+    new_tokens = sum(len(r["token_ids"]) for r in records)
+    logging.info("%d completions, %d new tokens in %.1f s", len(records), new_tokens,
+                 time.perf_counter() - start)
+    if distributed.is_coordinator():
+        out = Path(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / GENERATIONS_FILE).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+@job
+def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None = None,
+             split: str = "validation", batch_size: int = 8, seq_len: int = 256,
+             max_batches: int | None = None, seed: int = 0, bits_per_byte: bool = True,
+             dtype: str | None = None) -> dict:
+    """Mean loss, perplexity and bits per byte of a checkpoint over a data split."""
+    mesh, rules = build_mesh(), axis_rules()
+    overrides = {"dtype": dtype} if dtype else {}
+    model = load_model(checkpoint, step=step, config=LlamaConfig(), mesh=mesh, rules=rules,
+                       **overrides)
+    logging.info("evaluating %s on split %r", describe(model), split)
+    batches = make_data_iterator(split, global_batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                 cache_manager=CacheManager())
+    result = evaluate_lib.evaluate_params(
+        model.params, model.config, batches, mesh=mesh, rules=rules,
+        tokenizer=load_tokenizer() if bits_per_byte else None, max_batches=max_batches)
+    logging.info("loss %.4f, perplexity %.3f, bits per byte %s over %d tokens", result.loss,
+                 result.perplexity, result.bits_per_byte, result.tokens)
+    if distributed.is_coordinator():
+        out = Path(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(model.path), "step": model.step, "split": split,
+                  **result.as_dict()}
+        (out / EVAL_RESULTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": model.step or 0, "time": time.time(), "split": "eval",
+                                "loss": result.loss, "perplexity": result.perplexity,
+                                "bits_per_byte": result.bits_per_byte}) + "\n")
+    return result.as_dict()
