@@ -79,19 +79,26 @@ def _as_chat(prompt: Prompt, system: str | None) -> Prompt:
     return messages
 
 
+def _shown(prompt: Prompt) -> str:
+    """How a prompt is echoed before its completion: the text itself, or the last chat turn."""
+    return prompt if isinstance(prompt, str) else f"[{prompt[-1]['role']}] {prompt[-1]['content']}\n"
+
+
 def _complete(generator: Generator, batch: Sequence[Prompt], max_new_tokens: int,
               sampler: SamplerConfig, seed: int, echo: bool) -> list[Completion]:
     """Completes a batch, printing its text as produced: inline for one prompt, else by row."""
     stream = generator.stream_batch(batch, max_new_tokens, sampler, seed,
                                     chunk=4 if echo else max_new_tokens)
+    if echo and len(batch) == 1:
+        sys.stdout.write(_shown(batch[0]))
     for pieces in stream:
         if echo and len(batch) == 1 and pieces[0]:
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
     if echo:
         texts = [c.text for c in stream.completions]
-        sys.stdout.write("\n" if len(batch) == 1 else
-                         "".join(f"--- [{row}] {text}\n" for row, text in enumerate(texts)))
+        sys.stdout.write("\n" if len(batch) == 1 else "".join(
+            f"--- [{row}]\n{_shown(prompt)}{text}\n" for row, (prompt, text) in enumerate(zip(batch, texts))))
         sys.stdout.flush()
     return stream.completions
 

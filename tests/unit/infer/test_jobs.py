@@ -145,8 +145,8 @@ def test_generate_job_writes_generations_and_streams(tmp_path, trained_run, caps
          {"role": "assistant", "content": ""}])
     assert lines[2]["prompt_tokens"] == len(chat_ids) - 1
     printed = capsys.readouterr().out
-    assert f"--- [0] {lines[0]['completion']}" in printed
-    assert lines[2]["completion"] in printed
+    assert f"--- [0]\nTo be{lines[0]['completion']}\n--- [1]\nGood night" in printed
+    assert f"[user] Who art thou?\n{lines[2]['completion']}" in printed
 
 
 @pytest.fixture
