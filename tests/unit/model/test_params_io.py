@@ -9,6 +9,7 @@ import pytest
 import transformers
 
 from llamahome.errors import CheckpointError
+from llamahome.hub.registry import Registry
 from llamahome.model.config import LlamaConfig
 from llamahome.model.llama import init_params
 from llamahome.model.params_io import load_params, save_params
@@ -58,11 +59,19 @@ def test_import_then_export_jobs_round_trip_through_launch(tmp_path, python_runn
                    f"--gin_param=import_hf.output_dir='{out}'",
                    f"--gin_param=launch.run_dir='{tmp_path / 'run1'}'"], check=True)
     assert "LlamaConfig.tie_embeddings = True" in (out / "model.gin").read_text()
+    models_dir = tmp_path / "models"
+    python_runner(["-m", "llamahome.launch", "--gin_file=gin/jobs/models.gin",
+                   "--gin_param=models.action='register'", f"--gin_param=models.path='{tmp_path / 'hf'}'",
+                   "--gin_param=models.name='base'", f"--gin_param=launch.run_dir='{tmp_path / 'run0'}'"],
+                  env={"LLAMAHOME_MODELS_DIR": str(models_dir)}, check=True)
     python_runner(["-m", "llamahome.launch", "--gin_file=gin/jobs/export_hf.gin",
-                   f"--gin_file={out / 'model.gin'}",
-                   f"--gin_param=export_hf.params_dir='{out / 'params'}'",
+                   f"--gin_param=export_hf.checkpoint='{out / 'params'}'",
                    f"--gin_param=export_hf.output_dir='{tmp_path / 'exported'}'",
-                   f"--gin_param=launch.run_dir='{tmp_path / 'run2'}'"], check=True)
+                   "--gin_param=export_hf.register_as='base'", "--gin_param=export_hf.parent='base@1'",
+                   f"--gin_param=launch.run_dir='{tmp_path / 'run2'}'"],
+                  env={"LLAMAHOME_MODELS_DIR": str(models_dir)}, check=True)
+    registered = Registry(models_dir).get("base@2")
+    assert registered.parent == "base@1" and "model.safetensors" in registered.files
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
     tokens = np.random.default_rng(0).integers(0, 128, (2, 40))
     assert np.abs(hf_logits(reloaded, tokens) - hf_logits(model, tokens)).max() <= 1e-5
