@@ -109,6 +109,17 @@ def _document(record: dict, where: str, text_field: str, messages_field: str | N
     return text if isinstance(text, Skipped) else Document(where, text=text)
 
 
+class _Files:
+    """Shards of a file source: one per file matched by `paths`; identity from name, size, mtime."""
+
+    def shards(self) -> list[str]:
+        _check_on_error(self.on_error)
+        return expand_paths(self.paths, type(self).__name__)
+
+    def describe(self, shard: str) -> dict:
+        return describe_file(shard)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TextFiles:
@@ -155,20 +166,13 @@ def _open_maybe_compressed(path: str) -> io.BufferedIOBase:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class JsonlFiles:
+class JsonlFiles(_Files):
     """JSON Lines files (plain, .gz or .zst); each line is a record with a text (or messages) field."""
 
     paths: str | Sequence[str] = gin.REQUIRED
     text_field: str = "text"
     messages_field: str | None = None
     on_error: str = "raise"
-
-    def shards(self) -> list[str]:
-        _check_on_error(self.on_error)
-        return expand_paths(self.paths, "JsonlFiles")
-
-    def describe(self, shard: str) -> dict:
-        return describe_file(shard)
 
     def read(self, shard: str) -> Iterator[Document | Skipped]:
         with _open_maybe_compressed(shard) as f:
@@ -190,20 +194,13 @@ class JsonlFiles:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class ParquetFiles:
+class ParquetFiles(_Files):
     """Parquet files with a string column (or a list-of-messages column)."""
 
     paths: str | Sequence[str] = gin.REQUIRED
     text_field: str = "text"
     messages_field: str | None = None
     on_error: str = "raise"
-
-    def shards(self) -> list[str]:
-        _check_on_error(self.on_error)
-        return expand_paths(self.paths, "ParquetFiles")
-
-    def describe(self, shard: str) -> dict:
-        return describe_file(shard)
 
     def read(self, shard: str) -> Iterator[Document | Skipped]:
         import pyarrow.parquet as pq  # noqa: PLC0415
@@ -226,20 +223,13 @@ class ParquetFiles:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class ArrayRecordFiles:
+class ArrayRecordFiles(_Files):
     """ArrayRecord files whose records are UTF-8 text, or JSON objects when `text_field` is set."""
 
     paths: str | Sequence[str] = gin.REQUIRED
     text_field: str | None = None
     messages_field: str | None = None
     on_error: str = "raise"
-
-    def shards(self) -> list[str]:
-        _check_on_error(self.on_error)
-        return expand_paths(self.paths, "ArrayRecordFiles")
-
-    def describe(self, shard: str) -> dict:
-        return describe_file(shard)
 
     def read(self, shard: str) -> Iterator[Document | Skipped]:
         from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
