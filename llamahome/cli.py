@@ -77,7 +77,8 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
 
     apply_memory_limits()  # XLA_PYTHON_CLIENT_* must be set before JAX starts its backend
     distributed.initialize()
-    run_path = Path(run_dir).expanduser() if run_dir else new_run_dir()
+    # Every process of a pod must use process 0's run dir; each would name a new one differently.
+    run_path = Path(run_dir or distributed.from_coordinator(str(new_run_dir()))).expanduser()
     is_writer = distributed.is_coordinator()
     if is_writer and write_config:
         save_config(run_path, CONFIG_FILE, gin.config_str())

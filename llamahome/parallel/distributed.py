@@ -1,20 +1,35 @@
 """Starting JAX's multi-controller runtime when a job runs on several hosts.
 
-Modes (gin `initialize.mode`):
+A pod job is the same command started once per host (see launch/ for TPU pods, SLURM,
+Kubernetes and `launch/local.sh N` on one machine). Modes (gin `initialize.mode`):
 - "auto" (default): initialize when the environment says this is one process of many:
-  LLAMAHOME_COORDINATOR / LLAMAHOME_NUM_PROCESSES / LLAMAHOME_PROCESS_ID set, a SLURM job
-  step with several tasks, or a multi-host Cloud TPU slice (JAX detects the last two itself).
+  LLAMAHOME_COORDINATOR (host:port of process 0) / LLAMAHOME_NUM_PROCESSES /
+  LLAMAHOME_PROCESS_ID set, a SLURM job step with several tasks, or a multi-host Cloud TPU
+  slice (JAX detects the last two itself).
 - "explicit": use the coordinator address, process count and id bound in gin.
 - "off": single process, never initialize.
+
+On CPU, cross-process collectives go through gloo (TCP). A process whose peer dies is
+stopped by the runtime: a collective with the dead peer fails, or the coordination service
+misses the peer's heartbeats for `heartbeat_timeout_seconds` and terminates the others
+("... another task died"). A peer that hangs without dying is caught by the train loop's
+`Watchdog` (llamahome/parallel/watchdog.py). Either way every process must be restarted;
+training resumes from the last checkpoint.
+
+Only process 0 writes logs (the others log warnings and errors only), metrics, status and
+configs; every process takes part in checkpoint saves.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 import gin
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 _initialized = False
 
@@ -30,11 +45,17 @@ def _on_multi_host_cluster() -> bool:
     return (slurm_tasks or 1) > 1 or "," in tpu_hosts
 
 
+def _use_gloo_on_cpu() -> None:
+    """CPU collectives across processes need an implementation chosen before the backend starts."""
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
 @gin.configurable
 def initialize(mode: str = "auto", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
-               local_device_ids: list[int] | None = None,
-               initialization_timeout: int = 300, heartbeat_timeout_seconds: int = 100) -> bool:
+               local_device_ids: list[int] | None = None, initialization_timeout: int = 300,
+               heartbeat_timeout_seconds: int = 100, shutdown_timeout_seconds: int = 60) -> bool:
     """Initializes jax.distributed once if this is one process of a pod; returns whether it did."""
     global _initialized
     if _initialized or mode == "off":
@@ -47,21 +68,43 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     explicit = coordinator_address is not None
     if mode == "auto" and not explicit and not _on_multi_host_cluster():
         return False
+    _use_gloo_on_cpu()
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id, local_device_ids=local_device_ids,
-                  initialization_timeout=initialization_timeout)
-    try:
-        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None},
-                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
-    except TypeError:  # older jax without heartbeat_timeout_seconds
-        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+                  process_id=process_id, local_device_ids=local_device_ids)
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None},
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+                               shutdown_timeout_seconds=shutdown_timeout_seconds)
     _initialized = True
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    if not is_coordinator():
+        logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     return True
 
 
 def is_coordinator() -> bool:
     """True on the one process (index 0) that writes logs, metrics and configs."""
     return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process; every process must call this at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def from_coordinator(text: str, max_bytes: int = 4096) -> str:
+    """Process 0's `text`, on every process (e.g. a run dir that each would name differently)."""
+    if jax.process_count() == 1:
+        return text
+    encoded = text.encode()
+    if len(encoded) > max_bytes:
+        raise ValueError(f"{len(encoded)} bytes is over the {max_bytes} that from_coordinator sends")
+    buffer = np.zeros(max_bytes, np.uint8)
+    buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    length, buffer = multihost_utils.broadcast_one_to_all((np.int32(len(encoded)), buffer))
+    return bytes(np.asarray(buffer)[:int(length)]).decode()

@@ -5,6 +5,12 @@ restore the run dir's latest checkpoint (auto-resume) or start fresh / from `ini
 compile the steps once; loop with periodic eval and checkpoints; save at the end. SIGTERM or
 SIGINT mid-run saves a checkpoint and returns normally (exit status 0, status "preempted");
 running the same command again continues from it.
+
+Multi-process (one process per host, llamahome/parallel/distributed.py): every process runs
+this same function. Each reads its data shards (llamahome/parallel/data_shards.py), takes part
+in every step, eval and checkpoint save, and agrees with the others after each step on
+whether a signal asked any of them to stop; only process 0 writes metrics, status and the
+operative config. A `Watchdog` ends a process whose peers stopped answering.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 from absl import logging
 
 from llamahome.cache import CacheManager
@@ -26,8 +33,10 @@ from llamahome.monitor.profile import Profiler
 from llamahome.monitor.status import Heartbeat
 from llamahome.monitor.writers import MetricsWriter
 from llamahome.parallel import distributed, sharding
+from llamahome.parallel.data_shards import open_shards
 from llamahome.parallel.mesh import build_mesh
 from llamahome.parallel.rules import axis_rules
+from llamahome.parallel.watchdog import Watchdog
 from llamahome.train import loop
 from llamahome.train.checkpoint import CheckpointConfig, Checkpointer
 from llamahome.train.optim import build_optimizer, decay_mask
@@ -40,8 +49,12 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
           learning_rate: float = 3e-4, gradient_accumulation_steps: int = 1, seed: int = 0,
           eval_every: int = 500, eval_batches: int | None = 20, log_every: int = 1,
           z_loss: float = 0.0, init_from: str | None = None, nan_policy: str = "stop",
-          progress_bar: bool = True) -> dict[str, float]:
-    """Trains LlamaConfig() on make_data_iterator("train") for `steps` optimizer steps."""
+          progress_bar: bool = True, data_shards: int | None = None) -> dict[str, float]:
+    """Trains LlamaConfig() on make_data_iterator("train") for `steps` optimizer steps.
+
+    `data_shards`: how many readers split the data (default: the process count); keep it
+    fixed to get the same batches, and resume the same checkpoints, on any number of hosts.
+    """
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"train.nan_policy={nan_policy!r}; use one of {NAN_POLICIES}")
     run_dir, is_writer = Path(run_dir), distributed.is_coordinator()
@@ -51,8 +64,10 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     loop.check_batch_divisible(batch_size, gradient_accumulation_steps, batch_sharding)
 
     cache_manager = CacheManager()
-    train_iter = make_data_iterator("train", global_batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                    cache_manager=cache_manager)
+    open_split = lambda split: open_shards(  # noqa: E731
+        make_data_iterator, split, global_batch_size=batch_size, num_shards=data_shards,
+        seq_len=seq_len, seed=seed, cache_manager=cache_manager)
+    train_iter = open_split("train")
 
     config = LlamaConfig()
     model = Llama(config)
@@ -87,13 +102,15 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     heartbeat = Heartbeat(run_dir, steps, config.name) if is_writer else None
     reporter = loop.StepReporter(writer, batch_size * seq_len, config.flops_per_token(seq_len),
                                  peak_flops(str(config.dtype)), nan_policy, log_every, ckpt)
-    profiler = Profiler(run_dir / "profile")
-    eval_loss, pending, saved_step = None, None, start
+    profiler = Profiler(_profile_dir(run_dir))
+    watchdog = Watchdog(f"process {jax.process_index()} of {jax.process_count()}")
+    if jax.process_count() > 1:
+        watchdog.start()  # stays on through the cleanup after an error: that may block on peers too
+    blank = loop.blank_batch(batch_size // jax.process_count(), seq_len)
+    eval_loss, pending, stopped = None, None, False
     try:
         with loop.PreemptionSignal() as preempted:
             for step in range(start + 1, steps + 1):
-                if preempted.received:
-                    break
                 profiler.before_step(step)
                 batch = sharding.global_batch(next(train_iter), batch_sharding)
                 state, metrics = train_step(state, batch)
@@ -101,22 +118,24 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
                 if pending:
                     reporter.report(*pending)  # the previous step: the host never waits on this one
                 pending = (step, metrics)
+                stopped = distributed.any_process(preempted.received is not None)
                 eval_loss = None
                 if eval_every and step % eval_every == 0:
-                    eval_loss = loop.evaluate(eval_step, state.params, _validation(batch_size, seq_len, seed),
-                                              batch_sharding, eval_batches)
+                    eval_loss = loop.evaluate(eval_step, state.params, open_split("validation"),
+                                              batch_sharding, eval_batches, blank,
+                                              on_batch=lambda i: watchdog.kick(f"eval batch {i}"))
                     if writer:
                         writer.eval(step, eval_loss)
-                if (step % ckpt_config.save_steps == 0 or step == steps or preempted.received
+                if (step % ckpt_config.save_steps == 0 or step == steps or stopped
                         or (eval_loss is not None and ckpt_config.save_best)):
                     ckpt.save(step, state, train_iter, eval_loss)
-                    saved_step = step
                 if heartbeat:
                     heartbeat.beat(step)
+                watchdog.kick(f"step {step}")
+                if stopped:
+                    break
             if pending:
                 reporter.report(*pending)
-            if preempted.received and saved_step != int(state.step):
-                ckpt.save(int(state.step), state, train_iter)
     except BaseException:
         if heartbeat:
             heartbeat.beat(int(pending[0]) if pending else start, "failed", force=True)
@@ -126,7 +145,8 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
         ckpt.close()
         if writer:
             writer.close()
-    status = "preempted" if preempted.received else "finished"
+    watchdog.stop()
+    status = "preempted" if stopped else "finished"
     if heartbeat:
         heartbeat.beat(int(state.step), status, force=True)
     if is_writer:
@@ -136,8 +156,10 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
             "eval_loss": eval_loss if eval_loss is not None else float("nan")}
 
 
-def _validation(batch_size: int, seq_len: int, seed: int):
-    return make_data_iterator("validation", global_batch_size=batch_size, seq_len=seq_len, seed=seed)
+def _profile_dir(run_dir: Path) -> Path:
+    """Process 0 traces into profile/, the others into profile/process_<i>/."""
+    profile = run_dir / "profile"
+    return profile if distributed.is_coordinator() else profile / f"process_{jax.process_index()}"
 
 
 def _load_params(path: str, config: LlamaConfig, shardings):

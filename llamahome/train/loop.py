@@ -4,7 +4,8 @@
 - `init_state` / `restore_or_init`: a TrainState born sharded, from scratch, from a params
   checkpoint (`init_from`), or from the run dir's latest checkpoint (auto-resume).
 - `compile_train_step` / `compile_eval_step`: the pure steps jit-compiled once, with shardings.
-- `evaluate`: mean loss over (a prefix of) the validation split.
+- `evaluate`: mean loss over (a prefix of) the validation split, the same number of eval
+  steps on every process.
 - `StepReporter`: turns one step's metrics into the JSONL/TensorBoard/progress records,
   one step behind the step being dispatched so the host never stalls the device.
 - `PreemptionSignal`: SIGTERM/SIGINT set a flag; the loop saves and leaves cleanly.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import signal
 import time
@@ -21,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
@@ -28,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from llamahome.errors import UserError
 from llamahome.monitor.mfu import mfu
 from llamahome.monitor.writers import MetricsWriter
-from llamahome.parallel import sharding
+from llamahome.parallel import distributed, sharding
 from llamahome.parallel.rules import Rules
 from llamahome.train import step as step_lib
 from llamahome.train.checkpoint import Checkpointer, abstract_like
@@ -93,15 +96,29 @@ def compile_eval_step(abstract_params: Any, param_shardings: Any, batch: dict, m
                                  mesh, rules)
 
 
+def blank_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """[rows, seq_len] of padding (segment 0, loss_mask 0): adds nothing to a loss."""
+    return {k: np.zeros((rows, seq_len), d) for k, d in BATCH_DTYPES.items()}
+
+
 def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding,
-             max_batches: int | None) -> float:
-    """Mean loss over every token with loss_mask > 0 in up to `max_batches` validation batches."""
+             max_batches: int | None, blank: dict[str, np.ndarray],
+             on_batch: Callable[[int], None] = lambda i: None) -> float:
+    """Mean loss over every token with loss_mask > 0 in up to `max_batches` validation batches.
+
+    Processes can hold different numbers of validation batches: every eval step is a
+    collective, so all go on while any has a batch left, the others feeding `blank` rows.
+    """
     loss_sum, tokens = jnp.float32(0), jnp.float32(0)
-    for i, local in enumerate(batches):
+    for i in itertools.count():
         if max_batches is not None and i >= max_batches:
             break
-        out = eval_step(params, sharding.global_batch(local, batch_sharding))
+        local = next(batches, None)
+        if not distributed.any_process(local is not None):
+            break
+        out = eval_step(params, sharding.global_batch(blank if local is None else local, batch_sharding))
         loss_sum, tokens = loss_sum + out["loss_sum"], tokens + out["tokens"]
+        on_batch(i)
     tokens = float(tokens)
     if tokens == 0:
         raise UserError("the validation split gave no tokens to evaluate; add validation data or "

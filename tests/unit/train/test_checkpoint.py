@@ -1,4 +1,4 @@
-"""Checkpoint round trip with the Grain iterator, restore onto another mesh, retention on disk."""
+"""Checkpoint round trip with the Grain iterator and data shards, restore onto another mesh, retention on disk."""
 
 import gin
 import grain
@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import PartitionSpec as P
 
+from llamahome.errors import CheckpointError
 from llamahome.parallel import sharding
+from llamahome.parallel.data_shards import ShardedIterator
 from llamahome.parallel.mesh import build_mesh
 from llamahome.parallel.rules import axis_rules
 from llamahome.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
@@ -82,3 +85,26 @@ def test_unfinished_write_is_never_restored(tmp_path, eight_devices):
     (partial / "state").mkdir(parents=True)
     reader = Checkpointer(tmp_path, CheckpointConfig())
     assert reader.latest_step() == 5
+
+
+def test_data_shard_states_restore_per_shard_and_name_a_shard_count_mismatch(tmp_path, eight_devices):
+    def shards(count):  # shard k reads k, k + count, ... shuffled
+        return ShardedIterator({k: iter(grain.MapDataset.range(k, 100, count).shuffle(seed=k)
+                                        .to_iter_dataset()) for k in range(count)}, count)
+
+    state, _ = make_state(build_mesh(data=1, fsdp=8, tensor=1, devices=eight_devices), "fsdp")
+    two = shards(2)
+    for _ in range(3):
+        [next(it) for it in two.iterators.values()]
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    ckpt.save(3, state, two)
+    expected = {k: [next(it) for _ in range(4)] for k, it in two.iterators.items()}
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "3" / "data_iter").glob("shard_*")) == \
+        ["shard_0-of-2.json", "shard_1-of-2.json"]
+
+    fresh = shards(2)
+    Checkpointer(tmp_path, CheckpointConfig()).restore(3, state, fresh)
+    assert {k: [next(it) for _ in range(4)] for k, it in fresh.iterators.items()} == expected
+    with pytest.raises(CheckpointError, match="Set train.data_shards to the K"):
+        Checkpointer(tmp_path, CheckpointConfig()).restore(3, state, shards(1))
