@@ -308,3 +308,13 @@ def use_model(ref: str, run_dir: str, root: Path | str | None = None) -> Path:
     registry = Registry(root if root is not None else paths.models_dir())
     version = registry.record_use(ref, run_dir)
     return registry.version_dir(version)
+
+
+MODEL_REF_PREFIX = "model:"
+
+
+def resolve_model_path(path: str, run_dir: str) -> str:
+    """`model:name@N` -> that registered version's directory (recording the run's use); else `path`."""
+    if not path.startswith(MODEL_REF_PREFIX):
+        return path
+    return str(use_model(path[len(MODEL_REF_PREFIX):], run_dir))

@@ -204,6 +204,24 @@ def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig
     return LoadedModel(model_config, params, _tokenizer_in(where.parent, where), kind, where)
 
 
+def load_params_for(path: str | Path, config: LlamaConfig, shardings, *,
+                    step: int | None = None) -> dict:
+    """Params for `config` from any checkpoint kind (what `train.init_from` starts from)."""
+    kind, where = resolve(path, step)
+    if kind == "train":
+        return _restore_train_params(where, config, shardings)
+    if kind == "params":
+        return params_io.load_params(where, config, shardings)
+    hf_config, host_params = hf.load_hf_checkpoint(where, param_dtype=config.param_dtype)
+    expected = jax.tree.map(lambda x: x.shape, param_shapes(config))
+    found = jax.tree.map(lambda x: x.shape, host_params)
+    if expected != found:
+        raise CheckpointError(f"{where} holds a {hf_config.name} model whose parameter shapes differ "
+                              f"from the bound LlamaConfig ({config.name}); bind the matching preset "
+                              "(e.g. --gin_file=gin/models/<name>.gin)")
+    return jax.device_put(host_params, shardings)
+
+
 def describe(model: LoadedModel) -> str:
     """One line naming what was loaded."""
     at = f" step {model.step}" if model.step is not None else ""

@@ -11,8 +11,9 @@ prompt: {"index", "prompt" | "messages", "completion", "token_ids", "prompt_toke
 writes {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "batches"} to
 <run_dir>/eval_results.json and an eval line to <run_dir>/metrics.jsonl.
 
-`checkpoint` is a training run dir (latest step, or `step`), a step dir, an import_hf output
-or a Hugging Face directory (see checkpoints.py). Both jobs lay the params out on the mesh
+`checkpoint` is a training run dir (latest step, or `step`), a step dir, an import_hf output,
+a Hugging Face directory (see checkpoints.py), or `model:name@N`, a version in the model
+registry (the run is recorded as one of its users). Both jobs lay the params out on the mesh
 and axis rules bound for training (build_mesh, axis_rules).
 """
 
@@ -31,6 +32,7 @@ from llamahome.cache import CacheManager
 from llamahome.data.pipeline import make_data_iterator
 from llamahome.data.tokenizer import load_tokenizer
 from llamahome.errors import DataError
+from llamahome.hub.registry import resolve_model_path
 from llamahome.infer import evaluate as evaluate_lib
 from llamahome.infer.checkpoints import describe, load_model
 from llamahome.infer.generator import Completion, Generator, Prompt, generator_for
@@ -120,8 +122,8 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     sampler = sampler or SamplerConfig()
     mesh, rules = build_mesh(), axis_rules()
     overrides = {"dtype": dtype} if dtype else {}
-    model = load_model(checkpoint, step=step, config=LlamaConfig(), mesh=mesh, rules=rules,
-                       **overrides)
+    model = load_model(resolve_model_path(checkpoint, run_dir), step=step, config=LlamaConfig(),
+                       mesh=mesh, rules=rules, **overrides)
     logging.info("generating with %s", describe(model))
     generator = generator_for(model, tokenizer, mesh=mesh, rules=rules)
     echo = stream and distributed.is_coordinator()
@@ -157,8 +159,8 @@ def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     """Mean loss, perplexity and bits per byte of a checkpoint over a data split."""
     mesh, rules = build_mesh(), axis_rules()
     overrides = {"dtype": dtype} if dtype else {}
-    model = load_model(checkpoint, step=step, config=LlamaConfig(), mesh=mesh, rules=rules,
-                       **overrides)
+    model = load_model(resolve_model_path(checkpoint, run_dir), step=step, config=LlamaConfig(),
+                       mesh=mesh, rules=rules, **overrides)
     logging.info("evaluating %s on split %r", describe(model), split)
     batches = make_data_iterator(split, global_batch_size=batch_size, seq_len=seq_len, seed=seed,
                                  cache_manager=CacheManager())

@@ -24,6 +24,7 @@ from absl import logging
 from llamahome.cache import CacheManager
 from llamahome.cli import OPERATIVE_CONFIG_FILE, save_config
 from llamahome.errors import ConfigError
+from llamahome.hub.registry import resolve_model_path
 from llamahome.jobs import job
 from llamahome.data.pipeline import make_data_iterator
 from llamahome.model.config import LlamaConfig
@@ -85,7 +86,8 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
                  config.num_params(), dict(mesh.shape))
     state = loop.restore_or_init(ckpt, abstract_state, shardings, train_iter,
                                  init_params=lambda key: init_params(config, key),
-                                 optimizer=optimizer, seed=seed, init_from=init_from,
+                                 optimizer=optimizer, seed=seed,
+                                 init_from=init_from and resolve_model_path(init_from, str(run_dir)),
                                  load_params=lambda path, s: _load_params(path, config, s))
 
     batch = loop.abstract_batch(batch_size, seq_len, batch_sharding)
@@ -163,9 +165,9 @@ def _profile_dir(run_dir: Path) -> Path:
 
 
 def _load_params(path: str, config: LlamaConfig, shardings):
-    from llamahome.model.params_io import load_params  # noqa: PLC0415
+    from llamahome.infer.checkpoints import load_params_for  # noqa: PLC0415
 
-    return load_params(path, config, shardings=shardings)
+    return load_params_for(path, config, shardings)
 
 
 def _operative_config() -> str:
