@@ -39,6 +39,13 @@ CONFIGS = {
 }
 
 
+def named_config(name: str, dtype: str = "float32") -> tuple[LlamaConfig, int, int]:
+    """(LlamaConfig, seq, batch) of a benchmark config in CONFIGS."""
+    c = dict(CONFIGS[name])
+    seq, batch = c.pop("seq"), c.pop("batch")
+    return LlamaConfig(name=name, max_seq_len=seq, dtype=dtype, **c), seq, batch
+
+
 def peak_memory_bytes() -> int:
     device = jax.devices()[0]
     if device.platform != "cpu" and device.memory_stats():
@@ -46,7 +53,8 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, preset: str) -> dict:
+def build(config: LlamaConfig, seq: int, batch: int, preset: str = "fsdp"):
+    """(compiled train step, initial state, one batch, compile seconds): the train job's step."""
     mesh, rules = build_mesh(), axis_rules(preset)
     specs = param_logical_axes(config)
     optimizer, schedule = optim.build_optimizer(1e-4, 1000, decay_mask=optim.decay_mask(specs),
@@ -67,6 +75,11 @@ def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, pr
                                   "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
                                   "segment_ids": np.ones((batch, seq), np.int32),
                                   "loss_mask": np.ones((batch, seq), np.float32)}, batch_sharding)
+    return step, state, data, compile_s
+
+
+def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, preset: str) -> dict:
+    step, state, data, compile_s = build(config, seq, batch, preset)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -107,10 +120,8 @@ def main() -> None:
         runs = [(args.preset, LlamaConfig(), args.seq or 2048, args.batch or 4)]
     else:
         for name in CONFIGS if args.config == "all" else [args.config]:
-            c = dict(CONFIGS[name])
-            seq, batch = args.seq or c.pop("seq"), args.batch or c.pop("batch")
-            c.pop("seq", None), c.pop("batch", None)
-            runs.append((name, LlamaConfig(name=name, max_seq_len=seq, **c), seq, batch))
+            config, seq, batch = named_config(name)
+            runs.append((name, config, args.seq or seq, args.batch or batch))
     for name, base, seq, batch in runs:
         for dtype in dtypes:
             overrides = dict(dtype=dtype, remat_policy=args.remat, scan_layers=bool(args.scan_layers),

@@ -1,11 +1,13 @@
 """Attention implementations behind one signature, chosen by name (`LlamaConfig.attention_impl`).
 
-Every implementation is `attend(q, k, v, mask) -> out` with
+Every implementation is `attend(q, k, v, mask, causal=False) -> out` with
     q    [batch, q_len, heads, head_dim]     (already rotated; not yet scaled)
     k, v [batch, kv_len, kv_heads, head_dim] (heads % kv_heads == 0: grouped-query attention,
                                               query head n reads kv head n // (heads // kv_heads))
     mask [batch, 1, q_len, kv_len] bool      (True = may attend; see `attention_mask`)
     out  [batch, q_len, heads, head_dim]     in q's dtype.
+    causal: bool, a hint: the mask is causal from slot 0 (q_len == kv_len, no KV cache), so
+            an implementation may skip the blocks above the diagonal.
 Softmax runs in float32. Masked logits are set to the float32 minimum, not -inf, so even an
 all-False row stays finite. Add an implementation with `@register("name")`.
 """
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from llamahome.errors import ConfigError, did_you_mean
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+AttentionFn = Callable[..., jax.Array]  # (q, k, v, mask, causal=False) -> out
 ATTENTION_IMPLS: dict[str, AttentionFn] = {}
 
 
@@ -59,22 +61,75 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     return (causal[None] & same & valid | own_slot)[:, None]
 
 
+CAUSAL_BLOCK = 128  # query rows per block when blocks above the causal diagonal are skipped
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
 @register("xla")
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Plain einsum attention; XLA fuses it well on CPU and TPU."""
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  causal: bool = False, block: int = CAUSAL_BLOCK) -> jax.Array:
+    """Einsum attention with a flash-style backward; `causal` skips keys above the diagonal.
+
+    With `causal` the queries go in blocks of `block` rows and block i reads keys
+    [0, (i + 1) * block) only: on CPU that skips ~half the work and keeps each block's
+    [rows, keys] probabilities small enough to stay in cache.
+    """
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim) * head_dim ** -0.5
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(batch, q_len, heads, head_dim)
+    kv_heads, kv_len = k.shape[2], k.shape[1]
+    # [B, k, g, T, h]: the query heads of one kv head next to each other.
+    q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    q = q.transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, k, S, h]
+    step = block if causal else q_len
+    outs = []
+    for start in range(0, q_len, step):
+        end = min(start + step, q_len)
+        keys = end if causal else kv_len
+        outs.append(_attend(q[:, :, :, start:end], k[:, :, :keys], v[:, :, :keys],
+                            mask[:, :, start:end, :keys]))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, k, g, T, h]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def _probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T) [B, k, g, T, S] in float32, masked; q [B, k, g, T, h] is already scaled."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(jnp.where(mask[:, :, None], logits, _MASKED), axis=-1)
+
+
+@jax.custom_vjp
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """probs @ v [B, k, g, T, h] for q [B, k, g, T, h], k, v [B, k, S, h], mask [B, 1, T, S]."""
+    return jnp.einsum("bkgts,bksh->bkgth", _probs(q, k, mask).astype(v.dtype), v)
+
+
+def _attend_fwd(q, k, v, mask):
+    probs = _probs(q, k, mask)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)
+    return out, (q, k, v, probs, out)
+
+
+def _attend_bwd(residuals, d_out):
+    # Softmax backward as in FlashAttention (Dao et al. 2022): d_logits = P * (dP - rowsum(dO * O)),
+    # rowsum(dO * O) being rowsum(dP * P) without another pass over [T, S].
+    q, k, v, probs, out = residuals
+    d_v = jnp.einsum("bkgts,bkgth->bksh", probs.astype(v.dtype), d_out)
+    d_probs = jnp.einsum("bkgth,bksh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    d_logits = (probs * (d_probs - delta)).astype(q.dtype)
+    d_q = jnp.einsum("bkgts,bksh->bkgth", d_logits, k)
+    d_k = jnp.einsum("bkgts,bkgth->bksh", d_logits, q)
+    return d_q, d_k, d_v, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 @register("dot_product")
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          causal: bool = False) -> jax.Array:
     """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU in bf16/f16, else XLA's."""
+    del causal  # the mask already holds the causal part
     # jax picks XLA when implementation is None; cuDNN must be asked for, and takes only
     # half-precision inputs.
     on_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)

@@ -27,6 +27,7 @@ down_proj [L, mlp, embed]}; final_norm/scale [embed]; lm_head [embed, vocab] (un
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -55,6 +56,19 @@ _INIT = nn.initializers.normal(stddev=0.02)
 
 def _constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return nn.with_logical_constraint(x, names)
+
+
+def _matmul(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
+    """x [B, T, *w.shape[:in_dims]] @ w -> [B, T, *w.shape[in_dims:]] as one 2-D matmul.
+
+    Flattening batch and length into one token axis gives XLA a plain [tokens, in] @ [in, out]
+    whose weight gradient is a plain 2-D matmul too; from the equivalent einsum, with its two
+    batch-like axes, XLA:CPU builds that gradient from a transposed copy and a slow dot (the
+    output head's backward pass took twice as long).
+    """
+    fan_in = math.prod(w.shape[:in_dims])
+    out = x.reshape(-1, fan_in) @ w.reshape(fan_in, -1)
+    return out.reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
 
 
 class RMSNorm(nn.Module):
@@ -91,9 +105,9 @@ class Attention(nn.Module):
         wv = self._weight("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
         wo = self._weight("o_proj", (n, h, d), ("heads", "head_dim", "embed"))
 
-        q = checkpoint_name(jnp.einsum("btd,dnh->btnh", x, wq), "query_proj")
-        key = checkpoint_name(jnp.einsum("btd,dkh->btkh", x, wk), "key_proj")
-        value = checkpoint_name(jnp.einsum("btd,dkh->btkh", x, wv), "value_proj")
+        q = checkpoint_name(_matmul(x, wq), "query_proj")  # [B, T, n, h]
+        key = checkpoint_name(_matmul(x, wk), "key_proj")  # [B, T, k, h]
+        value = checkpoint_name(_matmul(x, wv), "value_proj")
         q = _constrain(apply_rope(q, sin, cos), "batch", "length", "heads", None)
         key = _constrain(apply_rope(key, sin, cos), "batch", "length", "kv_heads", None)
         value = _constrain(value, "batch", "length", "kv_heads", None)
@@ -105,8 +119,9 @@ class Attention(nn.Module):
             value = jax.lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
             layer_cache = (key, value)
 
-        out = attention_lib.get_attention(c.attention_impl)(q, key, value, mask)  # [B, T, n, h]
-        out = checkpoint_name(jnp.einsum("btnh,nhd->btd", out, wo), "attention_out")
+        out = attention_lib.get_attention(c.attention_impl)(  # [B, T, n, h]
+            q, key, value, mask, causal=layer_cache is None)
+        out = checkpoint_name(_matmul(out, wo, in_dims=2), "attention_out")  # [B, T, d]
         return out, layer_cache
 
 
@@ -124,10 +139,10 @@ class Mlp(nn.Module):
             w = self.param(name, nn.with_logical_partitioning(_INIT, axes), shape, c.params_dtype)
             return w.astype(c.compute_dtype)
 
-        gate = jnp.einsum("btd,df->btf", x, weight("gate_proj", (d, f), ("embed", "mlp")))
-        up = jnp.einsum("btd,df->btf", x, weight("up_proj", (d, f), ("embed", "mlp")))
+        gate = _matmul(x, weight("gate_proj", (d, f), ("embed", "mlp")))  # [B, T, f]
+        up = _matmul(x, weight("up_proj", (d, f), ("embed", "mlp")))
         hidden = _constrain(jax.nn.silu(gate) * up, "batch", "length", "mlp")
-        out = jnp.einsum("btf,fd->btd", hidden, weight("down_proj", (f, d), ("mlp", "embed")))
+        out = _matmul(hidden, weight("down_proj", (f, d), ("mlp", "embed")))  # [B, T, d]
         return checkpoint_name(out, "mlp_out")
 
 
@@ -203,11 +218,11 @@ class Llama(nn.Module):
 
         x = RMSNorm(c, name="final_norm")(x)
         if c.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(c.compute_dtype))
+            logits = _matmul(x, embedding.astype(c.compute_dtype).T)
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
                               (c.hidden_size, c.vocab_size), c.params_dtype)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(c.compute_dtype))
+            logits = _matmul(x, head.astype(c.compute_dtype))
         logits = _constrain(logits, "batch", "length", "vocab")
         return logits if cache is None else (logits, cache)
 
