@@ -10,6 +10,11 @@ Each figure is the median over `--repeats` fresh steps.
 
 from __future__ import annotations
 
+from llamahome import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+
 import argparse
 import json
 import os
@@ -94,7 +99,7 @@ def main() -> None:
     save_mbs, restore_mbs = mb / statistics.median(save_s), mb / statistics.median(restore_s)
     copy_mbs = mb / statistics.median(copy_s)
     print(json.dumps({
-        "benchmark": "checkpoint", "config": args.config, "state_mb": mb, "repeats": args.repeats,
+        "benchmark": "checkpoint", "allocator": allocator.name(), "config": args.config, "state_mb": mb, "repeats": args.repeats,
         "save_mb_per_s": save_mbs, "restore_mb_per_s": restore_mbs, "copy_mb_per_s": copy_mbs,
         "save_vs_copy": save_mbs / copy_mbs, "restore_vs_copy": restore_mbs / copy_mbs,
         "save_s": save_s, "restore_s": restore_s, "copy_s": copy_s, "restored_equal": same}))

@@ -12,6 +12,11 @@ neighbour slows both alike; each side's figure is its median step time over all 
 
 from __future__ import annotations
 
+from llamahome import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+
 import argparse
 import json
 import os
@@ -81,8 +86,8 @@ def compare(name: str, rounds: int, block: int, warmup: int) -> dict:
                 start = time.perf_counter()
                 losses[side] = run()
                 times[side].append(time.perf_counter() - start)
-    result = {"benchmark": "compare_torch", "config": name, "dtype": "float32", "seq": seq,
-              "batch": batch, "params": config.num_params(), "threads": torch.get_num_threads(),
+    result = {"benchmark": "compare_torch", "allocator": allocator.name(), "config": name,
+              "dtype": "float32", "seq": seq, "batch": batch, "params": config.num_params(), "threads": torch.get_num_threads(),
               "steps_each": rounds * block}
     for side, ts in times.items():
         result[f"{side}_tokens_per_sec"] = batch * seq / statistics.median(ts)

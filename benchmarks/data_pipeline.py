@@ -8,6 +8,11 @@ folder; the tokenizer is Mistral v1's 32k SentencePiece from the mistral-common 
 
 from __future__ import annotations
 
+from llamahome import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+
 import argparse
 import json
 import tempfile
@@ -76,6 +81,7 @@ def main() -> None:
         read_seconds = time.perf_counter() - start
     print(json.dumps({
         "benchmark": "data_pipeline",
+        "allocator": allocator.name(),
         "corpus_mb": args.mb,
         "cache_tokens": num_tokens,
         "build_workers": args.workers,

@@ -16,6 +16,11 @@ same greedy ids.
 
 from __future__ import annotations
 
+from llamahome import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+
 import argparse
 import json
 import statistics
@@ -75,7 +80,7 @@ def main() -> None:
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     rng = np.random.default_rng(0)
 
-    report = {"benchmark": "generate", "model": config.name, "params": config.num_params(),
+    report = {"benchmark": "generate", "allocator": allocator.name(), "model": config.name, "params": config.num_params(),
               "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "dtype": args.dtype, "llamahome": {}, "transformers": {}, "same_tokens": {}}

@@ -7,6 +7,11 @@ On a GPU/TPU it also prints the datasheet bf16 peak for the device kind (llamaho
 
 from __future__ import annotations
 
+from llamahome import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+
 import argparse
 import json
 
@@ -23,7 +28,7 @@ def main() -> None:
     sizes = tuple(int(s) for s in args.sizes.split(","))
     device = jax.devices()[0]
     print(json.dumps({
-        "benchmark": "peak", "platform": device.platform, "device_kind": device.device_kind,
+        "benchmark": "peak", "allocator": allocator.name(), "platform": device.platform, "device_kind": device.device_kind,
         "devices": jax.device_count(), "sizes": sizes,
         "measured_f32_flops": measured_matmul_flops("float32", sizes, args.repeats),
         "measured_bf16_flops": measured_matmul_flops("bfloat16", sizes, args.repeats),

@@ -11,6 +11,11 @@ against the measured matmul peak on CPU (benchmarks/peak.py) and the datasheet p
 
 from __future__ import annotations
 
+from llamahome import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+
 import argparse
 import json
 import resource
@@ -134,6 +139,7 @@ def main() -> None:
                               "batch": batch, "params": config.num_params(),
                               "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
                               "attention": config.attention_impl, "remat": config.remat_policy,
+                              "allocator": allocator.name(),
                               **result}), flush=True)
 
 

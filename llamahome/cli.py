@@ -22,7 +22,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import llamahome
-from llamahome import paths, secrets
+from llamahome import allocator, paths, secrets
 from llamahome.config import env as env_config
 from llamahome.config import gin_config
 from llamahome.config.toml import toml_to_bindings
@@ -83,6 +83,7 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
     if is_writer and write_config:
         save_config(run_path, CONFIG_FILE, gin.config_str())
     absl_logging.info("run dir: %s", run_path)
+    absl_logging.info("host allocator: %s", allocator.active())
     result = job(run_dir=str(run_path))
     if is_writer and write_config:
         save_config(run_path, OPERATIVE_CONFIG_FILE, gin.operative_config_str())
