@@ -84,6 +84,9 @@ def resolve(value: str, dirs: list[Path] | None = None) -> Path | None:
     """The library that LLAMAHOME_MALLOC=`value` asks for; None for glibc."""
     if value == "system" or (value == "auto" and not sys.platform.startswith("linux")):
         return None
+    if not sys.platform.startswith("linux"):
+        raise ConfigError(f"{VAR}={value}: preloading an allocator (LD_PRELOAD) works on Linux "
+                          f"only; use {VAR}=system or auto on {sys.platform}")
     if value == "auto":
         return find_library("tcmalloc", dirs) or find_library("jemalloc", dirs)
     if value in LIBRARIES:
@@ -115,14 +118,36 @@ def reexec_env(library: Path, environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def active() -> str:
-    """The allocator this process runs under: a library path, or "system"."""
-    return os.environ.get(ACTIVE_VAR, "system")
+    """The allocator this process runs under: a library path, or "system".
+
+    A library the dynamic loader could not preload (wrong architecture, say: it prints a
+    warning and goes on) is not mapped into the process, so it reads as "system".
+    """
+    library = os.environ.get(ACTIVE_VAR, "system")
+    if library == "system":
+        return library
+    try:
+        maps = Path(f"/proc/{os.getpid()}/maps").read_text()
+    except OSError:
+        return library
+    return library if library in maps else "system"
 
 
 def name() -> str:
     """"tcmalloc", "jemalloc", "other" (a library path) or "system": what this process runs under."""
     library = active()
     return "system" if library == "system" else kind_of(Path(library))
+
+
+def describe() -> str:
+    """One line for the run's log: the allocator in use, with a hint where glibc was the fallback."""
+    library = active()
+    if library != "system":
+        return f"{kind_of(Path(library))} ({library})"
+    if sys.platform.startswith("linux") and choice(os.environ) == "auto":
+        return ("glibc malloc; CPU train steps take up to a third less time under tcmalloc "
+                "(apt install libtcmalloc-minimal4), see README 'The host allocator'")
+    return "system malloc"
 
 
 def reexec() -> None:

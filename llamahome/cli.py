@@ -83,7 +83,7 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
     if is_writer and write_config:
         save_config(run_path, CONFIG_FILE, gin.config_str())
     absl_logging.info("run dir: %s", run_path)
-    absl_logging.info("host allocator: %s", allocator.active())
+    absl_logging.info("host allocator: %s", allocator.describe())
     result = job(run_dir=str(run_path))
     if is_writer and write_config:
         save_config(run_path, OPERATIVE_CONFIG_FILE, gin.operative_config_str())

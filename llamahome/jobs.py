@@ -30,6 +30,7 @@ def env_info(run_dir: str) -> dict[str, object]:
     from absl import logging  # noqa: PLC0415
 
     import llamahome  # noqa: PLC0415
+    from llamahome import allocator  # noqa: PLC0415
 
     info = {
         "llamahome": llamahome.__version__,
@@ -37,6 +38,7 @@ def env_info(run_dir: str) -> dict[str, object]:
         "backend": jax.default_backend(),
         "process": f"{jax.process_index()}/{jax.process_count()}",
         "devices": [str(d) for d in jax.devices()],
+        "host_allocator": allocator.name(),
         "run_dir": run_dir,
     }
     for key, value in info.items():

@@ -48,6 +48,16 @@ def test_bad_values_are_named(tmp_path):
     assert allocator.resolve(str(mine), [tmp_path]) == mine.resolve()
 
 
+def test_active_reads_system_when_the_library_is_not_mapped(monkeypatch):
+    monkeypatch.setenv("LLAMAHOME_MALLOC_ACTIVE", "/nowhere/libtcmalloc_minimal.so.4")
+    assert allocator.active() == "system" and allocator.name() == "system"
+    monkeypatch.setenv("LLAMAHOME_MALLOC", "auto")
+    if sys.platform.startswith("linux"):
+        assert "apt install libtcmalloc-minimal4" in allocator.describe()
+    monkeypatch.setenv("LLAMAHOME_MALLOC", "system")
+    assert allocator.describe() == "system malloc"
+
+
 def test_choice_reads_the_environment_then_dotenv(tmp_path):
     dotenv = tmp_path / ".env"
     assert allocator.choice({}, dotenv) == "auto"
@@ -114,3 +124,16 @@ def test_launch_reports_a_bad_choice_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: LLAMAHOME_MALLOC='tcmaloc' is not one of")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_launch_logs_the_allocator_it_runs_under(tmp_path):
+    expected = "tcmalloc" if allocator.find_library("tcmalloc") else (
+        "jemalloc" if allocator.find_library("jemalloc") else "system")
+    result = run_python(["-m", "llamahome.launch", "--gin_file=gin/jobs/env_info.gin",
+                         f"--gin_param=launch.run_dir='{tmp_path / 'run'}'"],
+                        env={"XLA_FLAGS": "", "LLAMAHOME_MALLOC": "auto"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"host_allocator: {expected}" in result.stderr
+    assert "host allocator: " + ("glibc malloc" if expected == "system" else expected) in result.stderr
