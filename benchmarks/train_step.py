@@ -58,7 +58,8 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build(config: LlamaConfig, seq: int, batch: int, preset: str = "fsdp"):
+def build(config: LlamaConfig, seq: int, batch: int, preset: str = "fsdp",
+          loss_chunk_length: int = 0):
     """(compiled train step, initial state, one batch, compile seconds): the train job's step."""
     mesh, rules = build_mesh(), axis_rules(preset)
     specs = param_logical_axes(config)
@@ -69,10 +70,12 @@ def build(config: LlamaConfig, seq: int, batch: int, preset: str = "fsdp"):
                                   shardings, jax.random.key(0))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     model = Llama(config)
-    apply_fn = lambda p, x, pos, seg: model.apply({"params": p}, x, pos, seg)  # noqa: E731
+    apply_fn = lambda p, x, pos, seg: model.apply(  # noqa: E731
+        {"params": p}, x, pos, seg, return_hidden=True)
     start = time.perf_counter()
     step = loop.compile_train_step(abstract, shardings, loop.abstract_batch(batch, seq, batch_sharding),
-                                   mesh, rules, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule)
+                                   mesh, rules, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule,
+                                   loss_chunk_length=loss_chunk_length)
     compile_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch, seq + 1), dtype=np.int32)
@@ -83,8 +86,9 @@ def build(config: LlamaConfig, seq: int, batch: int, preset: str = "fsdp"):
     return step, state, data, compile_s
 
 
-def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, preset: str) -> dict:
-    step, state, data, compile_s = build(config, seq, batch, preset)
+def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, preset: str,
+          loss_chunk_length: int = 0) -> dict:
+    step, state, data, compile_s = build(config, seq, batch, preset, loss_chunk_length)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -100,6 +104,7 @@ def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, pr
             "mfu": config.flops_per_token(seq) * tokens_per_sec / peak, "peak_flops": peak,
             "flops_per_token": config.flops_per_token(seq), "compile_s": compile_s,
             "peak_memory_bytes": peak_memory_bytes(), "loss": float(metrics["loss"]),
+            "temp_bytes": step.memory_analysis().temp_size_in_bytes,
             "step_times_s": times}
 
 
@@ -116,6 +121,8 @@ def main() -> None:
     parser.add_argument("--attention", default=None, help="attention_impl (xla | dot_product)")
     parser.add_argument("--scan_layers", type=int, default=0)
     parser.add_argument("--rules", default="fsdp", help="axis_rules preset")
+    parser.add_argument("--loss_chunk_length", type=int, default=0,
+                        help="positions per block of the fused head + loss (0: whole sequence)")
     args = parser.parse_args()
 
     dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
@@ -134,12 +141,14 @@ def main() -> None:
             if args.attention:
                 overrides["attention_impl"] = args.attention
             config = base.replace(**overrides)
-            result = bench(config, seq, batch, args.steps, args.warmup, args.rules)
+            result = bench(config, seq, batch, args.steps, args.warmup, args.rules,
+                           args.loss_chunk_length)
             print(json.dumps({"benchmark": "train_step", "config": name, "dtype": dtype, "seq": seq,
                               "batch": batch, "params": config.num_params(),
                               "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
                               "attention": config.attention_impl, "remat": config.remat_policy,
                               "allocator": allocator.name(),
+                              "loss_chunk_length": args.loss_chunk_length,
                               **result}), flush=True)
 
 

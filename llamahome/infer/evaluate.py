@@ -72,7 +72,7 @@ def evaluate_params(params, config: LlamaConfig, batches: Iterable[dict], *, mes
     """Evaluates `params` (laid out by the rules on `mesh`) over up to `max_batches` batches."""
     model = Llama(config)
     apply_fn = lambda p, inputs, positions, segment_ids: model.apply(  # noqa: E731
-        {"params": p}, inputs, positions, segment_ids)
+        {"params": p}, inputs, positions, segment_ids, return_hidden=True)
     param_shardings = sharding.logical_shardings(param_logical_axes(config), mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step, loss_sum, tokens, nbytes, count = None, 0.0, 0, 0, 0

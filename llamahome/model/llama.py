@@ -188,8 +188,17 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 return_hidden: bool = False):
+        """logits [B, T, vocab], with the updated cache if one is given.
+
+        `return_hidden=True` returns (the normalised last hidden states [B, T, embed], the output
+        head [embed, vocab]) instead, both in the compute dtype, for a loss that applies the
+        head itself (llamahome/train/loss.py).
+        """
         c = self.config
+        if return_hidden and cache is not None:
+            raise ValueError("return_hidden is for training and evaluation; it takes no cache")
         batch, length = tokens.shape
         offset = 0 if cache is None else cache.index
         if positions is None:
@@ -218,12 +227,13 @@ class Llama(nn.Module):
 
         x = RMSNorm(c, name="final_norm")(x)
         if c.tie_embeddings:
-            logits = _matmul(x, embedding.astype(c.compute_dtype).T)
+            head = embedding.astype(c.compute_dtype).T
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
-                              (c.hidden_size, c.vocab_size), c.params_dtype)
-            logits = _matmul(x, head.astype(c.compute_dtype))
-        logits = _constrain(logits, "batch", "length", "vocab")
+                              (c.hidden_size, c.vocab_size), c.params_dtype).astype(c.compute_dtype)
+        if return_hidden:
+            return x, head
+        logits = _constrain(_matmul(x, head), "batch", "length", "vocab")
         return logits if cache is None else (logits, cache)
 
 

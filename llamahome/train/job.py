@@ -50,12 +50,19 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
           learning_rate: float = 3e-4, gradient_accumulation_steps: int = 1, seed: int = 0,
           eval_every: int = 500, eval_batches: int | None = 20, log_every: int = 1,
           z_loss: float = 0.0, init_from: str | None = None, nan_policy: str = "stop",
-          progress_bar: bool = True, data_shards: int | None = None) -> dict[str, float]:
+          progress_bar: bool = True, data_shards: int | None = None,
+          loss_chunk_length: int = 0) -> dict[str, float]:
     """Trains LlamaConfig() on make_data_iterator("train") for `steps` optimizer steps.
 
     `data_shards`: how many readers split the data (default: the process count); keep it
     fixed to get the same batches, and resume the same checkpoints, on any number of hosts.
+    `loss_chunk_length`: positions per block of the output head + loss (0: the whole
+    sequence); a divisor of `seq_len` bounds the live logits to [batch, block, vocab]
+    (llamahome/train/loss.py).
     """
+    if loss_chunk_length and seq_len % loss_chunk_length:
+        raise ConfigError(f"train.loss_chunk_length={loss_chunk_length} does not divide "
+                          f"train.seq_len={seq_len}; use a divisor of it, or 0 for no blocks")
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"train.nan_policy={nan_policy!r}; use one of {NAN_POLICIES}")
     run_dir, is_writer = Path(run_dir), distributed.is_coordinator()
@@ -73,7 +80,7 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     config = LlamaConfig()
     model = Llama(config)
     apply_fn = lambda params, inputs, positions, segment_ids: model.apply(  # noqa: E731
-        {"params": params}, inputs, positions, segment_ids)
+        {"params": params}, inputs, positions, segment_ids, return_hidden=True)
     param_specs = param_logical_axes(config)
 
     optimizer, schedule = build_optimizer(learning_rate, steps, decay_mask=decay_mask(param_specs))
@@ -93,7 +100,8 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     batch = loop.abstract_batch(batch_size, seq_len, batch_sharding)
     train_step = loop.compile_train_step(abstract_state, shardings, batch, mesh, rules,
                                          apply_fn=apply_fn, optimizer=optimizer, schedule=schedule,
-                                         z_loss=z_loss, accum_steps=gradient_accumulation_steps)
+                                         z_loss=z_loss, accum_steps=gradient_accumulation_steps,
+                                         loss_chunk_length=loss_chunk_length)
     eval_step = loop.compile_eval_step(abstract_state.params, shardings.params, batch, mesh, rules,
                                        apply_fn)
     if is_writer:

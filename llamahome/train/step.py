@@ -4,12 +4,14 @@
 optimizer and schedule are bound with `functools.partial` before `jax.jit`.
 
 A batch is a dict of [batch, length] arrays: inputs, targets, positions, segment_ids (int32)
-and loss_mask (float32). The loss is the mean f32 cross-entropy over tokens with
-loss_mask > 0 in the whole global batch: gradients of per-microbatch *sums* are accumulated
-and divided once by the global token count, so gradient accumulation (A microbatches of B/A
-rows) and any sharding of the batch give the gradient of one big batch. The optional z-loss
-(PaLM, Chowdhery et al. 2022, sec. 5) adds `z_loss * log(Z)^2` per token to keep the softmax
-normaliser near 1.
+and loss_mask (float32). `apply_fn` returns the model's last hidden states and output head,
+not logits: the loss applies the head itself (llamahome/train/loss.py), so the train step
+never keeps the [batch, length, vocab] logits for a backward pass. The loss is the mean f32
+cross-entropy over tokens with loss_mask > 0 in the whole global batch: gradients of
+per-microbatch *sums* are accumulated and divided once by the global token count, so gradient
+accumulation (A microbatches of B/A rows) and any sharding of the batch give the gradient of
+one big batch. The optional z-loss (PaLM, Chowdhery et al. 2022, sec. 5) adds
+`z_loss * log(Z)^2` per token to keep the softmax normaliser near 1.
 
 Non-finite steps (NaN/Inf loss or gradient norm) leave params and optimizer state unchanged;
 metrics["finite"] tells the loop, which then skips on or stops (train.nan_policy).
@@ -17,6 +19,7 @@ metrics["finite"] tells the loop, which then skips on or stops (train.nan_policy
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,27 +28,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llamahome.train import loss as loss_lib
 from llamahome.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # -> logits [B, T, V]
+# (params, inputs, positions, segment_ids) -> (hidden [B, T, D], head [D, V]), e.g.
+# `Llama(config).apply({"params": p}, inputs, positions, segment_ids, return_hidden=True)`.
+ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of masked CE, sum of masked log(Z)^2, sum of mask), all f32 scalars; logits [B, T, V]."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    # A one-hot product, not a gather: its gradient is elementwise, where a gather's is a scatter.
-    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), -1)
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask), jnp.sum(mask)
-
-
-def _loss_sums(params: Any, batch: Batch, apply_fn: ApplyFn, z_loss: float):
-    logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-    return ce + z_loss * z, (ce, count)
+def _loss_sums(params: Any, batch: Batch, apply_fn: ApplyFn, z_loss: float, chunk_length: int):
+    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    objective, ce = loss_lib.head_cross_entropy(hidden, head, batch["targets"], batch["loss_mask"],
+                                                z_loss, chunk_length)
+    return objective, (ce, jnp.sum(batch["loss_mask"].astype(jnp.float32)))
 
 
 def _microbatches(batch: Batch, accum_steps: int) -> Batch:
@@ -58,16 +54,18 @@ def _microbatches(batch: Batch, accum_steps: int) -> Batch:
 
 
 def loss_and_grads(params: Any, batch: Batch, *, apply_fn: ApplyFn, z_loss: float = 0.0,
-                   accum_steps: int = 1) -> tuple[jax.Array, jax.Array, Any]:
+                   accum_steps: int = 1, loss_chunk_length: int = 0
+                   ) -> tuple[jax.Array, jax.Array, Any]:
     """(CE sum, token count, gradient of the summed loss) over `accum_steps` microbatches."""
-    grad_fn = jax.grad(_loss_sums, has_aux=True)
+    grad_fn = functools.partial(jax.grad(_loss_sums, has_aux=True), apply_fn=apply_fn,
+                                z_loss=z_loss, chunk_length=loss_chunk_length)
     if accum_steps == 1:
-        grads, (ce, count) = grad_fn(params, batch, apply_fn, z_loss)
+        grads, (ce, count) = grad_fn(params, batch)
         return ce, count, grads
 
     def body(carry, micro):
         ce_acc, count_acc, grads_acc = carry
-        grads, (ce, count) = grad_fn(params, micro, apply_fn, z_loss)
+        grads, (ce, count) = grad_fn(params, micro)
         return (ce_acc + ce, count_acc + count, jax.tree.map(jnp.add, grads_acc, grads)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -78,10 +76,11 @@ def loss_and_grads(params: Any, batch: Batch, *, apply_fn: ApplyFn, z_loss: floa
 
 def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               z_loss: float = 0.0, accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               z_loss: float = 0.0, accum_steps: int = 1, loss_chunk_length: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the global batch; returns the new state and scalar metrics."""
     ce, count, grads = loss_and_grads(state.params, batch, apply_fn=apply_fn, z_loss=z_loss,
-                                      accum_steps=accum_steps)
+                                      accum_steps=accum_steps, loss_chunk_length=loss_chunk_length)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss, grad_norm = ce / denom, optax.global_norm(grads)
@@ -98,8 +97,10 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn,
 
 def eval_step(params: Any, batch: Batch, *, apply_fn: ApplyFn) -> dict[str, jax.Array]:
     """Summed CE and token count of one batch (the caller divides after the last batch)."""
-    logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce, _, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = jnp.einsum("btd,dv->btv", hidden, head)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    ce, _, count = loss_lib.cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
     return {"loss_sum": ce, "tokens": count}
 
 

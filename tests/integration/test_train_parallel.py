@@ -44,7 +44,8 @@ def initial_state(optimizer):
     return init_train_state(initial_params(), optimizer, 0)
 
 
-def train_losses(mesh_shape, preset, steps, accum=1, learning_rate=1e-3, devices=None):
+def train_losses(mesh_shape, preset, steps, accum=1, learning_rate=1e-3, devices=None,
+                 loss_chunk_length=0):
     mesh = build_mesh(*mesh_shape, devices=devices)
     rules = axis_rules(preset)
     specs = param_logical_axes(CONFIG)
@@ -54,10 +55,11 @@ def train_losses(mesh_shape, preset, steps, accum=1, learning_rate=1e-3, devices
     state = jax.device_put(initial_state(optimizer), shardings)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     model = Llama(CONFIG)
-    apply_fn = lambda p, x, pos, seg: model.apply({"params": p}, x, pos, seg)  # noqa: E731
+    apply_fn = lambda p, x, pos, seg: model.apply(  # noqa: E731
+        {"params": p}, x, pos, seg, return_hidden=True)
     step = loop.compile_train_step(abstract, shardings, loop.abstract_batch(B, T, batch_sharding), mesh,
                                    rules, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule,
-                                   accum_steps=accum)
+                                   accum_steps=accum, loss_chunk_length=loss_chunk_length)
     batch = sharding.global_batch(fixed_batch(), batch_sharding)
     losses = []
     for _ in range(steps):
@@ -74,9 +76,12 @@ def test_tiny_model_overfits_a_fixed_batch(eight_devices):
 
 def test_meshes_and_accumulation_give_the_same_losses(eight_devices):
     reference = train_losses((-1, 1, 1), "data_parallel", steps=4, devices=eight_devices)
-    for shape, preset, accum in [((1, -1, 1), "fsdp", 1), ((2, 2, 2), "fsdp_tensor", 1),
-                                 ((-1, 1, 1), "data_parallel", 4)]:
+    for shape, preset, accum, chunk in [((1, -1, 1), "fsdp", 1, 0), ((2, 2, 2), "fsdp_tensor", 1, 0),
+                                        ((-1, 1, 1), "data_parallel", 4, 0),
+                                        ((2, 2, 2), "fsdp_tensor", 1, T // 4)]:
         devices = eight_devices[:2] if accum == 4 else eight_devices  # microbatches of 2 rows
-        losses = train_losses(shape, preset, steps=4, accum=accum, devices=devices)
-        np.testing.assert_allclose(losses, reference, atol=1e-5, err_msg=f"{shape} {preset} x{accum}")
+        losses = train_losses(shape, preset, steps=4, accum=accum, devices=devices,
+                              loss_chunk_length=chunk)
+        np.testing.assert_allclose(losses, reference, atol=1e-5,
+                                   err_msg=f"{shape} {preset} x{accum} loss blocks of {chunk}")
     assert reference[-1] < reference[0]

@@ -35,3 +35,8 @@ def test_microbatches_must_split_over_the_batch_devices(eight_devices):
 def test_bad_nan_policy_is_a_config_error():
     with pytest.raises(UserError, match="nan_policy"):
         job.train(run_dir="unused", nan_policy="ignore")
+
+
+def test_loss_chunk_length_must_divide_seq_len():
+    with pytest.raises(UserError, match="loss_chunk_length=48 does not divide train.seq_len=128"):
+        job.train(run_dir="unused", seq_len=128, loss_chunk_length=48)

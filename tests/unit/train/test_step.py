@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llamahome.train import loss as loss_lib
 from llamahome.train import step as step_lib
 from llamahome.train.state import init_train_state
 
@@ -14,8 +15,9 @@ V, D, B, T = 11, 6, 8, 5
 
 
 def apply_fn(params, inputs, positions, segment_ids):
+    """(hidden [B, T, D], head [D, V]) of a bigram model: what a Llama returns with return_hidden."""
     del positions, segment_ids
-    return params["embed"][inputs] @ params["out"]  # [B, T, V]
+    return params["embed"][inputs], params["out"]
 
 
 def make_params(seed=0):
@@ -42,8 +44,8 @@ def numpy_loss(params, batch, z_loss=0.0):
 
 def test_cross_entropy_matches_numpy():
     params, batch = make_params(), make_batch()
-    logits = apply_fn(params, batch["inputs"], None, None)
-    ce, z, count = step_lib.cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+    hidden, head = apply_fn(params, batch["inputs"], None, None)
+    ce, z, count = loss_lib.cross_entropy_sums(hidden @ head, batch["targets"], batch["loss_mask"])
     ref, _ = numpy_loss(params, batch)
     assert count == batch["loss_mask"].sum()
     np.testing.assert_allclose(ce / count, ref, rtol=1e-5)
