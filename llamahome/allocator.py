@@ -88,7 +88,8 @@ def resolve(value: str, dirs: list[Path] | None = None) -> Path | None:
         raise ConfigError(f"{VAR}={value}: preloading an allocator (LD_PRELOAD) works on Linux "
                           f"only; use {VAR}=system or auto on {sys.platform}")
     if value == "auto":
-        return find_library("tcmalloc", dirs) or find_library("jemalloc", dirs)
+        found = find_library("tcmalloc", dirs) or find_library("jemalloc", dirs)
+        return found and found.resolve()  # the file /proc/<pid>/maps will name, not a symlink
     if value in LIBRARIES:
         found = find_library(value, dirs)
         if found is None:
@@ -97,7 +98,7 @@ def resolve(value: str, dirs: list[Path] | None = None) -> Path | None:
                               f"install it (Debian/Ubuntu: apt install "
                               f"{'libtcmalloc-minimal4' if value == 'tcmalloc' else 'libjemalloc2'}) "
                               f"or set {VAR}=system")
-        return found
+        return found.resolve()
     path = Path(value).expanduser()
     if "/" in value or path.suffix == ".so" or ".so." in path.name:
         if not path.is_file():
@@ -130,7 +131,7 @@ def active() -> str:
         maps = Path(f"/proc/{os.getpid()}/maps").read_text()
     except OSError:
         return library
-    return library if library in maps else "system"
+    return library if os.path.realpath(library) in maps else "system"
 
 
 def name() -> str:

@@ -25,10 +25,18 @@ def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc(tmp_path):
     both = _libs(tmp_path / "both", "libjemalloc.so.2", "libtcmalloc_minimal.so.4")
     only_je = _libs(tmp_path / "je", "libjemalloc.so.2")
     empty = _libs(tmp_path / "empty")
-    assert allocator.resolve("auto", [empty, both]) == both / "libtcmalloc_minimal.so.4"
-    assert allocator.resolve("auto", [only_je]) == only_je / "libjemalloc.so.2"
+    assert allocator.resolve("auto", [empty, both]) == (both / "libtcmalloc_minimal.so.4").resolve()
+    assert allocator.resolve("auto", [only_je]) == (only_je / "libjemalloc.so.2").resolve()
     assert allocator.resolve("auto", [empty]) is None
     assert allocator.resolve("system", [both]) is None
+
+
+def test_a_symlinked_library_resolves_to_the_file_the_process_maps(tmp_path):
+    real = _libs(tmp_path / "lib", "libtcmalloc_minimal.so.4.5.10") / "libtcmalloc_minimal.so.4.5.10"
+    (tmp_path / "lib" / "libtcmalloc_minimal.so.4").symlink_to(real.name)
+    assert allocator.resolve("auto", [tmp_path / "lib"]) == real.resolve()
+    assert allocator.resolve("tcmalloc", [tmp_path / "lib"]) == real.resolve()
+    assert allocator.kind_of(real) == "tcmalloc"
 
 
 def test_named_library_that_is_missing_says_how_to_install_it(tmp_path):
