@@ -5,8 +5,10 @@ Tests that need a specific count can run a subprocess (see `run_python`)."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -53,3 +55,34 @@ def run_python(args: list[str], *, env: dict[str, str] | None = None, cwd: Path 
 @pytest.fixture
 def python_runner():
     return run_python
+
+
+# The tiny training runs of the integration tests: a corpus of random words, Mistral v1's
+# SentencePiece model (shipped in the mistral_common package), gin/train/tiny_cpu.gin.
+CORPUS_WORDS = ("the king queen crown sword love death night day rose thou art fair sweet heart "
+                "speak").split()
+
+
+def sp_tokenizer_path() -> Path:
+    """Mistral v1's 32k SentencePiece model (the Llama layout: bos 1, eos 2)."""
+    import mistral_common  # noqa: PLC0415
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def write_word_corpus(directory: Path, words: Sequence[str] = CORPUS_WORDS, paragraphs: int = 300,
+                      seed: int = 0) -> Path:
+    """Writes `directory`/corpus.txt: paragraphs of 5-40 random `words`, blank-line separated."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "."
+                        for _ in range(paragraphs))
+    (directory / "corpus.txt").write_text(text)
+    return directory
+
+
+def tiny_train_params(corpus_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
+    """gin params pointing gin/train/tiny_cpu.gin at a test corpus, cache and run dir."""
+    return [f"DATA_DIR='{corpus_dir}'", f"TOKENIZER='{sp_tokenizer_path()}'",
+            f"CacheManager.root='{cache_dir}'", f"launch.run_dir='{run_dir}'",
+            "train.progress_bar=False"]

@@ -6,24 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
-import mistral_common
 import pytest
 
 from llamahome.dashboard.app import build_app
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_train_params, write_word_corpus
 from tests.integration.headless_chromium import Chromium, find_chromium
 from tests.integration.test_dashboard_browser import TRAIN_PATH, assert_plots, vertices
 from tests.unit.dashboard.fake_runs import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKENIZER = Path(mistral_common.__file__).parent / "data/tokenizer.model.v1"
 WORDS = "the king queen crown sword love death night day rose thou art fair sweet heart".split()
 RUN = "tiny-run"
 
@@ -31,14 +28,8 @@ RUN = "tiny-run"
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard_train")
-    rng = random.Random(0)
-    (root / "txt").mkdir()
-    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "."
-                       for _ in range(300))
-    (root / "txt" / "corpus.txt").write_text(text)
-    params = [f"DATA_DIR='{root / 'txt'}'", f"TOKENIZER='{TOKENIZER}'",
-              f"CacheManager.root='{root / 'cache'}'", f"launch.run_dir='{root / 'runs' / RUN}'",
-              "train.progress_bar=False", "train.steps=20"]
+    write_word_corpus(root / "txt", WORDS)
+    params = [*tiny_train_params(root / "txt", root / "cache", root / "runs" / RUN), "train.steps=20"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run([sys.executable, "-m", "llamahome.launch", "--gin_file=gin/train/tiny_cpu.gin",

@@ -6,7 +6,6 @@ pair resumes from the last checkpoint."""
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -15,16 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import mistral_common
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_train_params, write_word_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKENIZER = Path(mistral_common.__file__).parent / "data/tokenizer.model.v1"
-WORDS = "the king queen crown sword love death night day rose thou art fair sweet heart speak".split()
 STEPS = 10
 HEARTBEAT_S, WATCHDOG_S, DEATH_BOUND_S = 10, 30, 60
 
@@ -32,17 +28,13 @@ HEARTBEAT_S, WATCHDOG_S, DEATH_BOUND_S = 10, 30, 60
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    rng = random.Random(0)
-    (root / "txt").mkdir()
-    paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(300)]
-    (root / "txt" / "corpus.txt").write_text("\n\n".join(paragraphs))
+    write_word_corpus(root / "txt")
     return root
 
 
 def flags(workdir: Path, run_dir: Path) -> list[str]:
-    gin_params = [f"DATA_DIR='{workdir / 'txt'}'", f"TOKENIZER='{TOKENIZER}'",
-                  f"CacheManager.root='{workdir / 'cache'}'", f"launch.run_dir='{run_dir}'",
-                  "train.progress_bar=False", f"train.steps={STEPS}", "train.data_shards=2",
+    gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir),
+                  f"train.steps={STEPS}", "train.data_shards=2",
                   # Validation shards of 4 and 3 batches: the process with fewer pads the 4th eval step.
                   "data_pipeline.validation_fraction=0.1", "train.eval_every=5", "train.eval_batches=None",
                   "CheckpointConfig.save_steps=5",

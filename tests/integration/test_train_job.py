@@ -4,38 +4,30 @@ uninterrupted run of the same command."""
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mistral_common
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_train_params, write_word_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKENIZER = Path(mistral_common.__file__).parent / "data/tokenizer.model.v1"
-WORDS = "the king queen crown sword love death night day rose thou art fair sweet heart speak".split()
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_job")
-    rng = random.Random(0)
-    (root / "txt").mkdir()
-    paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(300)]
-    (root / "txt" / "corpus.txt").write_text("\n\n".join(paragraphs))
+    write_word_corpus(root / "txt")
     return root
 
 
 def command(workdir: Path, run_dir: Path, *params: str) -> list[str]:
-    gin_params = [f"DATA_DIR='{workdir / 'txt'}'", f"TOKENIZER='{TOKENIZER}'",
-                  f"CacheManager.root='{workdir / 'cache'}'", f"launch.run_dir='{run_dir}'",
-                  "train.progress_bar=False", "train.steps=20", *params]
+    gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir),
+                  "train.steps=20", *params]
     return [sys.executable, "-m", "llamahome.launch", "--gin_file=gin/train/tiny_cpu.gin",
             *[f"--gin_param={p}" for p in gin_params]]
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import sp_tokenizer_path
+
 WORDS = ("the king queen lord shall thou art be not to and of my good night sweet prince "
          "what light through yonder window breaks").split()
 
@@ -14,9 +16,7 @@ WORDS = ("the king queen lord shall thou art be not to and of my good night swee
 @pytest.fixture(scope="session")
 def sp_model_path() -> str:
     """Mistral v1's 32k SentencePiece model (the Llama layout: bos 1, eos 2)."""
-    import mistral_common  # noqa: PLC0415
-
-    return str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
+    return str(sp_tokenizer_path())
 
 
 @pytest.fixture(scope="session")
