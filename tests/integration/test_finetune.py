@@ -13,8 +13,7 @@ from llamahome.hub import download
 from llamahome.hub.registry import Registry
 from llamahome.infer.checkpoints import load_model
 from llamahome.model.llama import Llama
-from tests.conftest import run_python
-from tests.integration.test_train_job import TOKENIZER, WORDS
+from tests.conftest import run_python, tiny_train_params, write_word_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,19 +33,15 @@ def test_train_init_from_a_registered_hf_model(tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     models_dir = tmp_path / "models"
     download.install(str(tmp_path / "hf"), name="base", registry=Registry(models_dir), progress=False)
-    (tmp_path / "txt").mkdir()
-    rng = np.random.default_rng(0)
-    (tmp_path / "txt" / "corpus.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(WORDS, 20)) for _ in range(50)))
+    write_word_corpus(tmp_path / "txt")
 
     run_dir = tmp_path / "run"
     result = run_python(
         ["-m", "llamahome.launch", "--gin_file=gin/train/tiny_cpu.gin",
          *[f"--gin_param={p}" for p in (
-             f"DATA_DIR='{tmp_path / 'txt'}'", f"TOKENIZER='{TOKENIZER}'",
-             f"CacheManager.root='{tmp_path / 'cache'}'", f"launch.run_dir='{run_dir}'",
+             *tiny_train_params(tmp_path / "txt", tmp_path / "cache", run_dir),
              "train.init_from='model:base'", "train.steps=1", "train.learning_rate=0.0",
-             "train.eval_every=0", "train.progress_bar=False")]],
+             "train.eval_every=0")]],
         env={"XLA_FLAGS": "", "LLAMAHOME_MODELS_DIR": str(models_dir)}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
