@@ -140,3 +140,23 @@ def test_generate_without_a_checkpoint_streams_an_error_event_that_says_why(url)
     assert response.headers["content-type"].startswith("text/event-stream")
     [(event, data)] = _events(response)
     assert event == "error" and "no checkpoint" in data["message"] and "dead" in data["message"]
+
+
+def test_config_endpoint_redacts_secret_bindings_as_defence_in_depth(url, runs):
+    root, _ = runs
+    write_run(root, "leaky", steps=2)
+    (root / "leaky" / "operative_config.gin").write_text(
+        "LlamaConfig.name = 'tiny'\ndownload.hf_token = 'hf_abcdefghijklmnop'\n")
+    config = get(url, "/api/runs/leaky/config").json()
+    assert config["operative_config"] == "LlamaConfig.name = 'tiny'\ndownload.hf_token = '<redacted>'\n"
+    assert config["config"] == (root / "leaky" / "config.gin").read_text()
+
+
+def test_generate_needs_a_json_content_type_and_names_the_bad_field(url):
+    response = httpx.post(url + "/api/runs/live/generate", content='{"prompt": "hi"}',
+                          headers={"Content-Type": "text/plain"}, timeout=10)
+    assert response.status_code == 415 and "application/json" in response.json()["error"]
+    response = httpx.post(url + "/api/runs/live/generate", json={"temperature": 1e300}, timeout=10)
+    assert response.status_code == 400
+    assert response.json() == {"error": "temperature must be a number in [0, 100] (0 is greedy)",
+                               "field": "temperature"}
