@@ -57,8 +57,13 @@ def parse_dotenv(path: Path) -> dict[str, str]:
             line = line[len("export "):].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not key.replace("_", "").isalnum():
-            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE, got {raw!r}")
+        # The line is never echoed: `HF_TOKEN hf_...` with the '=' missing holds a secret.
+        if not sep:
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE but the line has no '=' "
+                              "(line not shown: it may hold a secret)")
+        if not key.replace("_", "").isalnum():
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE but the name before '=' is "
+                              "not letters, digits and '_' (line not shown: it may hold a secret)")
         value = value.strip()
         if value[:1] in ("'", '"'):
             try:
