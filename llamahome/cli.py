@@ -3,18 +3,24 @@
 Which job runs (train, evaluate, generate, import_hf, build_cache, ...) is itself a gin
 binding, `launch.job = @train`, so one command runs every job. Settings are bound in this
 order, later winning: gin files, `--config_toml`, the environment (`.env`, `LLAMAHOME_*`),
-`--gin_param`. Each run gets a run dir holding the config it ran with (secrets redacted).
+`--gin_param`. Each run gets a run dir holding the config it ran with (secrets redacted, see
+llamahome/secrets.py), locked against a second job for as long as the job runs (see
+llamahome/run_lock.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
+import itertools
 import logging
 import os
 import pkgutil
+import re
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import gin
@@ -22,9 +28,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import llamahome
-from llamahome import allocator, paths, secrets
+from llamahome import allocator, paths, run_lock, secrets
 from llamahome.config import env as env_config
-from llamahome.config import gin_config
+from llamahome.config import gin_config, validate
 from llamahome.config.toml import toml_to_bindings
 from llamahome.errors import ConfigError, UserError
 
@@ -43,14 +49,19 @@ def import_configurables() -> None:
         importlib.import_module(module.name)
 
 
-def new_run_dir() -> Path:
+def new_run_dir(create: bool = False) -> Path:
+    """A fresh `runs/<timestamp>[-n]`; `create` makes it, so two jobs started at once never share it."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = paths.runs_dir() / stamp
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = paths.runs_dir() / f"{stamp}-{suffix}"
-    return run_dir
+    for n in itertools.count(1):
+        run_dir = paths.runs_dir() / (stamp if n == 1 else f"{stamp}-{n}")
+        if not create and not run_dir.exists():
+            return run_dir
+        if create:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                run_dir.mkdir()
+                return run_dir
+    raise AssertionError("unreachable")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -77,17 +88,45 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
 
     apply_memory_limits()  # XLA_PYTHON_CLIENT_* must be set before JAX starts its backend
     distributed.initialize()
-    # Every process of a pod must use process 0's run dir; each would name a new one differently.
-    run_path = Path(run_dir or distributed.from_coordinator(str(new_run_dir()))).expanduser()
     is_writer = distributed.is_coordinator()
-    if is_writer and write_config:
-        save_config(run_path, CONFIG_FILE, gin.config_str())
-    absl_logging.info("run dir: %s", run_path)
-    absl_logging.info("host allocator: %s", allocator.describe())
-    result = job(run_dir=str(run_path))
-    if is_writer and write_config:
-        save_config(run_path, OPERATIVE_CONFIG_FILE, gin.operative_config_str())
+    # Every process of a pod must use process 0's run dir; each would name a new one differently.
+    run_path = Path(run_dir or distributed.from_coordinator(
+        str(new_run_dir(create=write_config)) if is_writer else "")).expanduser()
+    with _locked(run_path, is_writer and write_config):
+        if is_writer and write_config:
+            save_config(run_path, CONFIG_FILE, gin.config_str())
+        absl_logging.info("run dir: %s", run_path)
+        absl_logging.info("host allocator: %s", allocator.describe())
+        warn_redacted_bindings()
+        result = job(run_dir=str(run_path))
+        if is_writer and write_config:
+            save_config(run_path, OPERATIVE_CONFIG_FILE, gin.operative_config_str())
     return result
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, take: bool) -> Iterator[None]:
+    """Holds the run dir's lock when `take`; on a pod every process stops if process 0 could not."""
+    from llamahome.parallel import distributed  # noqa: PLC0415
+
+    with contextlib.ExitStack() as stack:
+        refusal = ""
+        if take:
+            try:
+                stack.enter_context(run_lock.hold(run_dir))
+            except run_lock.RunDirBusy as e:
+                refusal = str(e)
+        if refusal := distributed.from_coordinator(refusal):
+            raise run_lock.RunDirBusy(refusal)
+        yield
+
+
+def warn_redacted_bindings() -> None:
+    """Warns about each binding that still holds a secret redacted when a config was saved."""
+    for name in secrets.redacted_bindings(gin.config_str()):
+        absl_logging.warning("%s holds %r: a secret removed when a config was saved; bind the real "
+                             "value with --gin_param (secrets such as HF_TOKEN come from the "
+                             "environment)", name, secrets.REDACTED)
 
 
 class _Formatter(logging.Formatter):
@@ -136,6 +175,7 @@ def bind_all(gin_files: Sequence[str], gin_params: Sequence[str], toml_path: str
     import_configurables()
     toml_bindings = toml_to_bindings(Path(toml_path)) if toml_path else []
     gin_config.parse_config(gin_files, toml_bindings, env_config.env_bindings(), gin_params)
+    validate.validate_config()
 
 
 def require_job() -> None:
@@ -149,6 +189,9 @@ def require_job() -> None:
                           f"file from gin/; jobs: {', '.join(sorted(JOBS))}") from None
 
 
+_GIN_CALL_CONTEXT = re.compile(r"\n\s*In call to configurable '[^\n]*")
+
+
 def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; settings go in --gin_param", file=sys.stderr)
@@ -159,11 +202,17 @@ def main(argv: Sequence[str]) -> int:
         require_job()
         launch()
     except UserError as e:
-        print(f"error: {secrets.redact(str(e))}", file=sys.stderr)
+        message = _GIN_CALL_CONTEXT.sub("", str(e))  # the error says where; gin's frames are noise
+        print(f"error: {secrets.redact(message)}", file=sys.stderr)
         return 2
     return 0
 
 
+def _redacted_excepthook(kind, value, tb) -> None:
+    sys.stderr.write(secrets.redact("".join(traceback.format_exception(kind, value, tb))))
+
+
 def run() -> None:
+    sys.excepthook = _redacted_excepthook  # a traceback may quote a signed URL or a token
     app.run(lambda argv: sys.exit(main(argv)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util  # noqa: F401  (gin's include handling needs it imported)
 import inspect
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import gin
 
 from llamahome.errors import ConfigError, did_you_mean
+from llamahome.secrets import redact_gin_config
 
 REPO_GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
 
@@ -22,7 +24,7 @@ def search_path() -> list[Path]:
 
 def register_search_path() -> None:
     for path in search_path():
-        if path.is_dir():
+        if path.is_dir() and str(path) not in gin.config._LOCATION_PREFIXES:
             gin.add_config_file_search_path(str(path))
 
 
@@ -56,33 +58,58 @@ def parameter_names(configurable: str) -> list[str]:
     return [p for p in inspect.signature(fn).parameters if p != "self"]
 
 
-_NO_CONFIGURABLE = re.compile(r"No configurable matching '([^']+)'")
+_NO_CONFIGURABLE = re.compile(r"No configurable matching (?:reference )?'@?([^']+)'")
 _NO_PARAMETER = re.compile(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'")
+_AMBIGUOUS = re.compile(r"Ambiguous selector '([^']+)', matches (\[[^\]]*\])")
+_BAD_TOKEN = re.compile(r"Failed to parse token '([^']*)'")
+_UNBOUND_MACRO = re.compile(r"No bindings specified for '([^'/]+)/gin.macro'")
+_IN_FILE = re.compile(r'In file "([^"]+)", line (\d+)')
+# Errors gin raises while parsing or binding: a bad value, name, include or import.
+GIN_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, ImportError, OSError)
+
+
+def _ambiguity_hint(name: str, selectors: list[str]) -> str:
+    """Names the full selectors (llamahome's first) and the shortest ones that are unambiguous."""
+    selectors = sorted(selectors, key=lambda s: (not s.startswith("llamahome."), s))
+    shortest = [gin.config._REGISTRY.minimal_selector(s) for s in selectors]
+    return (f"{name!r} is ambiguous: it names {' and '.join(selectors)}; write the full name "
+            f"or the shortest unambiguous one: {' or '.join(shortest)}")
 
 
 def explain_gin_error(error: Exception, where: str = "") -> ConfigError:
-    """Turns a gin parse error into a ConfigError that suggests the nearest valid name."""
-    message = str(error).strip()
-    hint = ""
-    if (m := _NO_CONFIGURABLE.search(message)):
+    """Turns a gin parse error into a one-line ConfigError that names where and suggests the fix."""
+    text = str(error).strip()
+    if (m := _IN_FILE.search(text)):  # the innermost file, when the error is in an `include`
+        where = f"{m.group(1)}, line {m.group(2)}"
+    message = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, KeyError):  # str() of a KeyError quotes its message
+        message = message.strip("\"")
+    if (m := _AMBIGUOUS.search(text)):
+        message = _ambiguity_hint(m.group(1), ast.literal_eval(m.group(2)))
+    elif (m := _UNBOUND_MACRO.search(text)):
+        macro = m.group(1)
+        message = f"%{macro} is used but never bound; bind it, e.g. --gin_param=\"{macro}=...\""
+    elif (m := _BAD_TOKEN.search(text)):
+        token = m.group(1)
+        message = (f"cannot parse the value {token}: quote a string ('{token}'), "
+                   f"reference a configurable (@{token}) or a macro (%{token})")
+    elif (m := _NO_CONFIGURABLE.search(text)):
         name = m.group(1).rsplit(".", 1)[-1].split("/")[-1]
-        hint = did_you_mean(name, configurable_names())
-    elif (m := _NO_PARAMETER.search(message)):
+        message += did_you_mean(name, configurable_names())
+    elif (m := _NO_PARAMETER.search(text)):
         configurable, param = m.groups()
         params = parameter_names(configurable)
-        hint = did_you_mean(param, params) or (
+        message += did_you_mean(param, params) or (
             f" Its parameters: {', '.join(params)}." if params else "")
-    if where and where not in message:
-        message = f"{where}: {message}"
-    return ConfigError(message + (f"\n {hint}" if hint else ""))
+    return ConfigError(f"{where}: {message}" if where else message)
 
 
 def _parse_bindings(bindings: Sequence[str], where: str) -> None:
     for binding in bindings:
         try:
             gin.parse_config(binding)
-        except (ValueError, SyntaxError) as e:
-            raise explain_gin_error(e, f"{where} {binding!r}") from None
+        except GIN_ERRORS as e:
+            raise explain_gin_error(e, f"{where} {redact_gin_config(binding)!r}") from None
 
 
 def parse_config(gin_files: Sequence[str] = (),
@@ -95,12 +122,13 @@ def parse_config(gin_files: Sequence[str] = (),
         path = resolve_gin_file(name)
         try:
             gin.parse_config_file(str(path))
-        except (ValueError, SyntaxError) as e:
+        except GIN_ERRORS as e:
             raise explain_gin_error(e, str(path)) from None
-        except OSError as e:  # a missing `include` inside the file
-            raise ConfigError(f"{path}: {e}") from None
     for binding, where in toml_bindings:
         _parse_bindings([binding], where)
     _parse_bindings(env_bindings, "environment variable binding")
     _parse_bindings(gin_params, "--gin_param")
-    gin.finalize()
+    try:
+        gin.finalize()
+    except GIN_ERRORS as e:  # e.g. a %MACRO that nothing binds
+        raise explain_gin_error(e) from None

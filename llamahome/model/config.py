@@ -3,7 +3,8 @@
 A preset binds `LlamaConfig.*`; code builds the model with `Llama(LlamaConfig())`. Fields:
 
     name               preset name, written into run status and imported checkpoints
-    vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads
+    vocab_size         None: the train job sets it from the tokenizer (train/run_tokenizer.py)
+    hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads
     head_dim           None -> hidden_size // num_heads
     rope_theta         RoPE base
     rope_scaling       None, or HF's dict {"rope_type": "llama3", "factor", "low_freq_factor",
@@ -41,7 +42,7 @@ class LlamaConfig:
     """Hyper-parameters of a Llama decoder (defaults: the `tiny` test size)."""
 
     name: str = "tiny"
-    vocab_size: int = 256
+    vocab_size: int | None = 256
     hidden_size: int = 64
     intermediate_size: int = 176
     num_layers: int = 2
@@ -60,22 +61,32 @@ class LlamaConfig:
     scan_layers: bool = False
 
     def __post_init__(self):
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_seq_len") + (("vocab_size",) if self.vocab_size is not None else ())
+        for field in sizes:
+            self._require(field, getattr(self, field) >= 1, "an integer >= 1")
+        for field in ("rope_theta", "rms_norm_eps"):
+            self._require(field, getattr(self, field) > 0, "a number > 0")
         if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ConfigError(f"LlamaConfig.hidden_size {self.hidden_size} is not divisible by "
-                                  f"num_heads {self.num_heads}; set LlamaConfig.head_dim explicitly")
+            self._require("hidden_size", self.hidden_size % self.num_heads == 0,
+                          f"a multiple of LlamaConfig.num_heads={self.num_heads}, or set "
+                          "LlamaConfig.head_dim explicitly")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"LlamaConfig.num_heads {self.num_heads} must be a multiple of "
-                              f"num_kv_heads {self.num_kv_heads} (grouped-query attention)")
-        if self.head_dim % 2:
-            raise ConfigError(f"LlamaConfig.head_dim {self.head_dim} must be even for RoPE")
+        self._require("num_kv_heads", self.num_heads % self.num_kv_heads == 0,
+                      f"a divisor of LlamaConfig.num_heads={self.num_heads} "
+                      "(grouped-query attention)")
+        self._require("head_dim", self.head_dim >= 2 and self.head_dim % 2 == 0,
+                      "an even integer >= 2 (RoPE rotates pairs)")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ConfigError(f"LlamaConfig.{field} {getattr(self, field)!r} is not one of "
                                   f"{sorted(DTYPES)}")
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+
+    def _require(self, field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"LlamaConfig.{field}={getattr(self, field)!r}: expected {expected}")
 
     def __hash__(self):
         # rope_scaling is a dict; hash its JSON so a config can be a static jit argument.
