@@ -82,12 +82,19 @@ def save_config(run_dir: Path, name: str, config: str) -> Path:
 @gin.configurable
 def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None,
            write_config: bool = True) -> object:
-    """Runs `job(run_dir=...)` in a fresh or given run dir, saving the config it runs with."""
+    """Runs `job(run_dir=...)` in a fresh or given run dir, saving the config it runs with.
+
+    A job declared `@job(run_dir=False)` (env_info, models, dashboard) gets `run_dir=None` and
+    no run dir is made, unless `launch.run_dir` is bound.
+    """
     from llamahome.hub.security import apply_memory_limits  # noqa: PLC0415
+    from llamahome.jobs import needs_run_dir  # noqa: PLC0415
     from llamahome.parallel import distributed  # noqa: PLC0415  (after gin is bound)
 
     apply_memory_limits()  # XLA_PYTHON_CLIENT_* must be set before JAX starts its backend
     distributed.initialize()
+    if not run_dir and not needs_run_dir(job):
+        return job(run_dir=None)
     is_writer = distributed.is_coordinator()
     # Every process of a pod must use process 0's run dir; each would name a new one differently.
     run_path = Path(run_dir or distributed.from_coordinator(
@@ -212,7 +219,39 @@ def _redacted_excepthook(kind, value, tb) -> None:
     sys.stderr.write(secrets.redact("".join(traceback.format_exception(kind, value, tb))))
 
 
+def usage() -> str:
+    """What `--help` prints: the command, its flags, the jobs and where their gin files are."""
+    from llamahome.jobs import describe_jobs  # noqa: PLC0415  (every module is imported first)
+
+    import_configurables()
+    gin_dir = gin_config.REPO_GIN_DIR
+    width = max(len(name) for name, _ in describe_jobs())
+    flag_lines = [f"  --{f.name}: {flags.FLAGS[f.name].help.split(';')[0]}"
+                  for f in (FLAGS, PARAMS, TOML, DOTENV)]
+    job_lines = [f"  {name:<{width}}  {doc}" for name, doc in describe_jobs()]
+    return "\n".join([
+        "usage: python -m llamahome.launch --gin_file=FILE [--gin_file=...] [--gin_param='x.y=1' ...]",
+        "       [--config_toml=FILE] [--env_file=.env] [--verbosity=1]",
+        "",
+        "Runs one job, chosen by the gin binding launch.job (each gin/jobs/<job>.gin binds it).",
+        "Settings bind in this order, later winning: gin files, TOML, environment, --gin_param.",
+        "",
+        "flags:", *flag_lines, "  --verbosity: 1 also shows the libraries' INFO logs",
+        "  --helpfull: every absl flag",
+        "",
+        "jobs (launch.job = @<job>):", *job_lines,
+        "",
+        f"gin files (looked up as given, then under {gin_dir}):",
+        "  jobs/<job>.gin, train/<recipe>.gin (quickstart, tiny_cpu, ...), models/<size>.gin,",
+        "  data/<set>.gin, train/parallel/<preset>.gin",
+        "example: python -m llamahome.launch --gin_file=gin/train/quickstart.gin",
+    ])
+
+
 def run() -> None:
+    if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     sys.excepthook = _redacted_excepthook  # a traceback may quote a signed URL or a token
     app.run(lambda argv: sys.exit(main(argv)))
 

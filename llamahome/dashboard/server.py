@@ -55,11 +55,12 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-@job
-def dashboard(run_dir: str, runs_dir: str | None = None, host: str = "127.0.0.1",
+@job(run_dir=False)
+def dashboard(run_dir: str | None = None, runs_dir: str | None = None,
+              host: str = "127.0.0.1",
               port: int = 8265, allow_public: bool = False, stale_after_s: float = 120.0) -> None:
     """Serves the dashboard over the runs under `runs_dir` until interrupted (run_dir is unused)."""
-    del run_dir  # the dashboard only reads; gin/dashboard.gin sets launch.write_config = False
+    del run_dir  # the dashboard only reads run dirs: it gets none of its own
     root = Path(runs_dir).expanduser() if runs_dir else paths.runs_dir()
     sock = bind_socket(host, port, allow_public)
     app = build_app(root, stale_after_s=stale_after_s, loopback_only=not allow_public)

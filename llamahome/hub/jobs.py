@@ -64,9 +64,9 @@ def download_model(run_dir: str, source: str | None = None, name: str | None = N
     return result
 
 
-@job
-def models(run_dir: str, action: str = "list", ref: str | None = None, path: str | None = None,
-           name: str | None = None, parent: str | None = None) -> object:
+@job(run_dir=False)
+def models(run_dir: str | None = None, action: str = "list", ref: str | None = None,
+           path: str | None = None, name: str | None = None, parent: str | None = None) -> object:
     """Lists, shows, pins, unpins, removes, verifies or registers (a local dir) model versions."""
     del run_dir  # the registry lives in the models dir, not the run dir
     registry = Registry(paths.models_dir())
@@ -74,6 +74,12 @@ def models(run_dir: str, action: str = "list", ref: str | None = None, path: str
         raise ConfigError(f"models.action = {action!r}; choose one of {', '.join(ACTIONS)}")
     if action == "list":
         versions = registry.list(name)
+        if not versions:
+            logging.info("no %s in the registry at %s. Add one with --gin_file=gin/jobs/"
+                         "download_model.gin --gin_param=\"download_model.source='hf://org/name'\" "
+                         "(or an https:// URL or a local folder), or register a local folder with "
+                         "--gin_param=\"models.action='register'\" --gin_param=\"models.path='...'\"",
+                         f"versions of {name!r}" if name else "models", registry.root)
         for v in versions:
             logging.info("%-40s %12d bytes %s%s", v.ref, v.size, v.source,
                          " (pinned)" if v.pinned else "")

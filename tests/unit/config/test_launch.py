@@ -13,6 +13,8 @@ from llamahome.config import gin_config
 from llamahome.config.env import env_bindings, load_dotenv, parse_dotenv
 from llamahome.config.toml import parse_byte_size, toml_to_bindings
 from llamahome.errors import ConfigError
+from llamahome.jobs import JOBS, job
+from llamahome.parallel import distributed
 from tests.conftest import run_python
 
 
@@ -154,15 +156,52 @@ def test_launch_runs_a_job_and_writes_the_config_into_the_run_dir(tmp_path):
     assert "launch.run_dir" in (tmp_path / "run" / "operative_config.gin").read_text()
 
 
-@pytest.mark.integration
-def test_runs_dir_from_dotenv_and_user_errors_exit_2_without_traceback(tmp_path, monkeypatch):
+@job
+def probe_with_outputs(run_dir: str) -> str:
+    (Path(run_dir) / "out.txt").write_text("written")
+    return run_dir
+
+
+def test_only_jobs_with_outputs_get_a_run_dir_under_the_dotenv_runs_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("LLAMAHOME_RUNS_DIR", raising=False)
-    (tmp_path / ".env").write_text(f"LLAMAHOME_RUNS_DIR={tmp_path / 'runs'}\n")
-    ok = run_python(["-m", "llamahome.launch", "--gin_file=gin/jobs/env_info.gin"],
-                    cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
-    assert len(list((tmp_path / "runs").glob("*/config.gin"))) == 1
+    monkeypatch.setattr(distributed, "initialize", lambda: None)
+    env_file = _write(tmp_path / ".env", f"LLAMAHOME_RUNS_DIR={tmp_path / 'runs'}\n")
+    for gin_file in ("gin/jobs/env_info.gin", "gin/jobs/models.gin"):
+        gin.clear_config()
+        cli.bind_all([gin_file], [f"models_dir.path='{tmp_path / 'models'}'"], None, str(env_file))
+        cli.launch()
+    assert not (tmp_path / "runs").exists()  # printing jobs leave nothing behind
+    gin.clear_config()
+    cli.bind_all([], ["launch.job=@probe_with_outputs"], None, str(env_file))
+    run_dir = Path(cli.launch())
+    assert run_dir.parent == tmp_path / "runs"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock", "config.gin", "operative_config.gin", "out.txt"]
+
+
+def test_a_bound_run_dir_is_used_even_by_a_job_without_outputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "initialize", lambda: None)
+    cli.bind_all(["gin/jobs/env_info.gin"], [f"launch.run_dir='{tmp_path / 'run'}'"], None, None)
+    cli.launch()
+    assert (tmp_path / "run" / "config.gin").exists()
+
+
+def test_help_lists_the_flags_jobs_and_gin_files():
+    text = cli.usage()
+    for expected in ("--gin_file", "--gin_param", "--config_toml", "--env_file", "--verbosity",
+                     "gin/train/quickstart.gin", "models/<size>.gin"):
+        assert expected in text
+    for name in JOBS:
+        assert f"\n  {name} " in text
+
+
+@pytest.mark.integration
+def test_help_and_user_errors_exit_cleanly_without_traceback(tmp_path):
+    helped = run_python(["-m", "llamahome.launch", "--help"], cwd=tmp_path)
+    assert helped.returncode == 0 and "jobs (launch.job = @<job>):" in helped.stdout
+    assert "  train " in helped.stdout
     bad = run_python(["-m", "llamahome.launch", "--gin_file=gin/jobs/env_info.gin",
                       "--gin_param=launch.jobb=1"], cwd=tmp_path)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "Did you mean 'job'" in bad.stderr
+    assert not list(tmp_path.iterdir())  # nothing written, not even a runs/ folder
