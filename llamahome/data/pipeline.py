@@ -14,6 +14,13 @@ Sources, tokenizer, cache and packing are bound in gin (see gin/data/*.gin):
 The validation split is either `validation_sources`, or a held-out `validation_fraction` of
 documents chosen by a seeded hash of their text; train never contains a validation document.
 Each JAX process reads only its own documents (every process_count-th of the split).
+
+Memory is bounded by the settings, not by the longest document: documents are read straight
+from the cache in windows of at most window_rows * seq_len (input, target) pairs (a longer
+document becomes several windows, overlapping by one token so that every pair is in exactly one,
+shuffled like documents; augmenters see each window as a document), and Grain reads at most
+`read_prefetch` windows ahead. A split with no document longer than one window reads exactly as
+whole documents did.
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ import numpy as np
 from llamahome.cache import CacheManager
 from llamahome.data import augment
 from llamahome.data.packing import FIELDS, PackIterDataset, packer
-from llamahome.data.token_cache import NAMESPACE, CacheOptions, TokenCache, build_token_cache
+from llamahome.data.token_cache import (
+    DEFAULT_MAX_RECORD_CHARS,
+    NAMESPACE,
+    CacheOptions,
+    TokenCache,
+    build_token_cache,
+)
 from llamahome.data.tokenizer import Tokenizer, load_tokenizer
 from llamahome.errors import ConfigError
 
@@ -53,6 +66,7 @@ class PipelineConfig:
     options: CacheOptions = CacheOptions()
     build_workers: int = 0
     read_workers: int = 0
+    read_prefetch: int = 500
 
 
 @gin.configurable
@@ -61,14 +75,20 @@ def data_pipeline(sources: Sequence = gin.REQUIRED, validation_sources: Sequence
                   packing: str = "concat_split", window_rows: int = 64,
                   augmenters: Sequence = (), cache_name: str | None = None,
                   add_bos: bool = True, add_eos: bool = True, build_workers: int = 0,
-                  read_workers: int = 0) -> PipelineConfig:
+                  read_workers: int = 0, read_prefetch: int = 500,
+                  max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> PipelineConfig:
     """The data set as bound in gin ([data] in TOML)."""
     packer(packing)
     if not 0 <= validation_fraction < 1:
         raise ConfigError(f"data_pipeline.validation_fraction={validation_fraction}; use [0, 1)")
+    for name, value, least in (("window_rows", window_rows, 1), ("read_prefetch", read_prefetch, 0),
+                               ("max_record_chars", max_record_chars, 1)):
+        if value < least:
+            raise ConfigError(f"data_pipeline.{name}={value}; use an integer >= {least}")
     return PipelineConfig(tuple(sources), tuple(validation_sources or ()), validation_fraction,
                           split_seed, packing, window_rows, tuple(augmenters), cache_name,
-                          CacheOptions(add_bos, add_eos), build_workers, read_workers)
+                          CacheOptions(add_bos, add_eos, max_record_chars), build_workers,
+                          read_workers, read_prefetch)
 
 
 def cache_name_for(sources: Sequence, given: str | None) -> str:
@@ -105,20 +125,46 @@ def split_documents(cache: TokenCache, split: str, fraction: float, seed: int,
     return np.flatnonzero(keep & (cache.lengths >= 2))
 
 
-class _ReadDocument:
-    """Document index -> {tokens int32[n], loss_mask float32[n]}; pickles as its path."""
+class DocumentWindows:
+    """The read units of a split: window i -> (document, first token, stop token).
+
+    A document of n tokens has n - 1 (input, target) pairs, cut into windows of at most `pairs`
+    pairs; window k holds tokens [k * pairs, (k + 1) * pairs + 1), one token of overlap, so every
+    pair is in exactly one window. A document of at most `pairs` pairs is one window.
+    """
+
+    def __init__(self, docs: np.ndarray, lengths: np.ndarray, pairs: int):
+        self._docs = np.asarray(docs, np.int64)  # [num_docs] cache indices, each of >= 2 tokens
+        self._lengths = np.asarray(lengths, np.int64)[self._docs]  # [num_docs]
+        self._pairs = pairs
+        self._ends = np.cumsum(-(-(self._lengths - 1) // pairs))  # [num_docs] past each doc's last window
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i: int) -> tuple[int, int, int]:
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        start = (i - (int(self._ends[k - 1]) if k else 0)) * self._pairs
+        return int(self._docs[k]), start, min(start + self._pairs + 1, int(self._lengths[k]))
+
+
+class _ReadWindow:
+    """(document, start, stop) -> {tokens int32[n], loss_mask float32[n]}; pickles as its path."""
 
     def __init__(self, cache: TokenCache):
         self._cache = cache
 
     def __getstate__(self):
-        return {"path": self._cache.path, "budget": self._cache.num_tokens * 5}
+        # A worker holds the cache in memory only where this process chose to (within its budget).
+        return {"path": self._cache.path,
+                "budget": self._cache.num_tokens * 5 if self._cache.in_memory else 0}
 
     def __setstate__(self, state):
         self._cache = TokenCache(state["path"], memory_budget=state["budget"])
 
-    def __call__(self, d) -> dict[str, np.ndarray]:
-        tokens, mask = self._cache.document(int(d))
+    def __call__(self, window: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        d, start, stop = window
+        tokens, mask = self._cache.document(d, start, stop)
         mask = np.ones(len(tokens), np.float32) if mask is None else mask.astype(np.float32)
         return {"tokens": tokens, "loss_mask": mask}
 
@@ -171,13 +217,14 @@ def make_data_iterator(split: str, *, global_batch_size: int, seq_len: int, seed
     if len(docs) == 0:
         raise ConfigError(f"the {split} split of {cache.path} has no documents for process "
                           f"{process_index}/{process_count}; add data or change the validation split")
-    ds = grain.MapDataset.source(docs)
+    ds = grain.MapDataset.source(DocumentWindows(docs, cache.lengths, config.window_rows * seq_len))
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map(_ReadDocument(cache))
+    ds = ds.map(_ReadWindow(cache))
     if config.augmenters:
         ds = ds.random_map(functools.partial(augment.apply_all, config.augmenters), seed=seed)
-    rows = PackIterDataset(ds.to_iter_dataset(), seq_len=seq_len, pad_id=tokenizer.pad_id,
+    read = grain.ReadOptions(prefetch_buffer_size=config.read_prefetch)
+    rows = PackIterDataset(ds.to_iter_dataset(read), seq_len=seq_len, pad_id=tokenizer.pad_id,
                            method=config.packing, window_rows=config.window_rows)
     batch_size = global_batch_size // process_count
     batches = rows.batch(batch_size, drop_remainder=split == "train")

@@ -70,7 +70,8 @@ def _check_on_error(on_error: str) -> None:
         raise ConfigError(f"on_error={on_error!r}; use one of {ON_ERROR}")
 
 
-def _fail(on_error: str, where: str, reason: str) -> Skipped:
+def reject(on_error: str, where: str, reason: str) -> Skipped:
+    """A malformed record: raises DataError naming `where`, or (on_error='skip') its Skipped marker."""
     if on_error == "raise":
         raise DataError(f"{where}: {reason} (set on_error='skip' to skip and count such records)")
     return Skipped(where, reason)
@@ -80,17 +81,17 @@ def _decode(raw: bytes, where: str, on_error: str) -> str | Skipped:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return _fail(on_error, where, f"bytes {raw[e.start:e.end]!r} at offset {e.start} are not UTF-8")
+        return reject(on_error, where, f"bytes {raw[e.start:e.end]!r} at offset {e.start} are not UTF-8")
 
 
 def _field(record: dict, field: str, where: str, on_error: str, kind: type = str):
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        return _fail(on_error, where, f"record has no field {field!r} (has {keys}); bind the "
-                     "source's text_field/messages_field")
+        return reject(on_error, where, f"record has no field {field!r} (has {keys}); bind the "
+                      "source's text_field/messages_field")
     value = record[field]
     if not isinstance(value, kind):
-        return _fail(on_error, where, f"field {field!r} is {type(value).__name__}, expected {kind.__name__}")
+        return reject(on_error, where, f"field {field!r} is {type(value).__name__}, expected {kind.__name__}")
     return value
 
 
@@ -102,8 +103,8 @@ def _document(record: dict, where: str, text_field: str, messages_field: str | N
             return messages
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                    and isinstance(m.get("content"), str) for m in messages):
-            return _fail(on_error, where, f"{messages_field!r} must be a list of "
-                         "{'role': str, 'content': str}")
+            return reject(on_error, where, f"{messages_field!r} must be a list of "
+                          "{'role': str, 'content': str}")
         return Document(where, messages=tuple(messages))
     text = _field(record, text_field, where, on_error)
     return text if isinstance(text, Skipped) else Document(where, text=text)
@@ -187,7 +188,7 @@ class JsonlFiles(_Files):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield _fail(self.on_error, where, f"malformed JSON ({e.msg} at column {e.colno})")
+                    yield reject(self.on_error, where, f"malformed JSON ({e.msg} at column {e.colno})")
                     continue
                 yield _document(record, where, self.text_field, self.messages_field, self.on_error)
 
@@ -248,7 +249,7 @@ class ArrayRecordFiles(_Files):
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
-                    yield _fail(self.on_error, where, f"malformed JSON ({e.msg})")
+                    yield reject(self.on_error, where, f"malformed JSON ({e.msg})")
                     continue
                 yield _document(record, where, self.text_field or "text", self.messages_field,
                                 self.on_error)

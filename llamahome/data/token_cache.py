@@ -5,9 +5,13 @@ One cache is a directory `<cache root>/tokens/<fingerprint>/` holding
   offsets     [num_docs + 1]   int64, document d is tokens[offsets[d]:offsets[d+1]];
   doc_hash    [num_docs]       uint64, a hash of the document's text (for the validation split);
   loss_mask   [num_tokens]     uint8, only for chat sources (1 on assistant tokens);
-  meta.json   counts, dtype, vocab size, max token id, skipped records, fingerprint.
+  meta.json   counts, dtype, vocab size, max token id, skipped and split records, fingerprint.
 The fingerprint hashes the source files (path, size, mtime), the tokenizer and the processing
-options, so changing any of them selects a new cache. Building splits the work into source
+options, so changing any of them selects a new cache. A text record longer than
+`max_record_chars` is tokenized in pieces of at most that many characters, cut at whitespace,
+and stored as one document (tokens at a cut may differ from tokenizing the record whole); the
+build logs a warning naming file and line. A chat record that long is malformed (DataError, or
+skipped and counted under the source's on_error='skip'). Building splits the work into source
 shards, tokenized by a pool of spawned processes into part files under `.build-<fingerprint>/`;
 a ledger records each finished part, so a killed build resumes where it stopped. The parts are
 then assembled into a temporary directory that is renamed into place: a cache directory that
@@ -22,14 +26,15 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
 from llamahome.cache import CacheManager
-from llamahome.data.sources import Document, Skipped
+from llamahome.data.sources import Document, Skipped, reject
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, tokenizer_from_spec
 from llamahome.errors import DataError
 
@@ -37,6 +42,9 @@ FORMAT_VERSION = 1
 NAMESPACE = "tokens"
 CHUNK_TOKENS = 1 << 18
 _ENCODE_BATCH = 512
+# Tokenizers hold 50-130 bytes per character of the text they encode (SentencePiece, HF
+# tokenizers), so one call on a 50 MB record needs gigabytes; 1M characters needs ~100 MB.
+DEFAULT_MAX_RECORD_CHARS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +53,7 @@ class CacheOptions:
 
     add_bos: bool = True
     add_eos: bool = True
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS  # the most characters tokenized in one call
 
 
 def _shard_list(sources: Sequence) -> list[tuple[int, str]]:
@@ -58,9 +67,18 @@ def cache_fingerprint(sources: Sequence, tokenizer: Tokenizer, options: CacheOpt
         "sources": [{"kind": type(s).__name__, "config": repr(s),
                      "shards": [s.describe(shard) for shard in s.shards()]} for s in sources],
         "tokenizer": tokenizer.fingerprint,
-        "options": dataclasses.asdict(options),
+        "options": _fingerprint_options(options),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _fingerprint_options(options: CacheOptions) -> dict:
+    """The options that select a cache; the default cap is left out so caches built before
+    the cap existed keep their fingerprint (reads are windowed, so their long records are safe)."""
+    described = dataclasses.asdict(options)
+    if options.max_record_chars == DEFAULT_MAX_RECORD_CHARS:
+        del described["max_record_chars"]
+    return described
 
 
 def _doc_hash(doc: Document) -> int:
@@ -80,28 +98,74 @@ def _tokenize_docs(tokenizer: Tokenizer, docs: list[Document], options: CacheOpt
             yield ids, mask
 
 
+def _text_pieces(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, each cut before the last whitespace in
+    its second half (so a word is not split) when there is one."""
+    start = 0
+    while len(text) - start > limit:
+        stop = start + limit
+        cut = max(text.rfind(space, start + limit // 2, stop) for space in " \n\t")
+        cut = cut if cut > start else stop
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _encode_long_text(tokenizer: Tokenizer, text: str, options: CacheOptions) -> np.ndarray:
+    """Tokens uint32[n] of a text longer than max_record_chars, encoded piece by piece."""
+    bos = [np.array([tokenizer.bos_id], np.uint32)] if options.add_bos else []
+    eos = [np.array([tokenizer.eos_id], np.uint32)] if options.add_eos else []
+    body = [np.asarray(tokenizer.encode(piece, add_bos=False, add_eos=False), np.uint32)
+            for piece in _text_pieces(text, options.max_record_chars)]
+    return np.concatenate(bos + body + eos)
+
+
+def _record_chars(doc: Document) -> int:
+    return len(doc.text) if doc.text is not None else sum(len(m["content"]) for m in doc.messages)
+
+
 def tokenize_shard(source, shard: str, spec: TokenizerSpec, options: CacheOptions,
                    out: str) -> dict:
-    """Tokenizes one shard into the part file `out` (written atomically); returns its counts."""
+    """Tokenizes one shard into the part file `out` (written atomically); returns its counts.
+
+    Memory: the shard's tokens, plus at most ~max_record_chars characters in the tokenizer."""
     tokenizer = tokenizer_from_spec(spec)
-    tokens, lengths, hashes, masks, skipped = [], [], [], [], []
+    limit = options.max_record_chars
+    tokens, lengths, hashes, masks, skipped, split = [], [], [], [], [], []
     batch: list[Document] = []
+
+    def add(doc: Document, ids, mask) -> None:
+        tokens.append(np.asarray(ids, np.uint32))
+        lengths.append(len(ids))
+        hashes.append(_doc_hash(doc))
+        masks.append(np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8))
 
     def flush():
         for doc, (ids, mask) in zip(batch, _tokenize_docs(tokenizer, batch, options), strict=True):
-            tokens.append(np.asarray(ids, np.uint32))
-            lengths.append(len(ids))
-            hashes.append(_doc_hash(doc))
-            masks.append(np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8))
+            add(doc, ids, mask)
         batch.clear()
 
+    batch_chars = 0
     for item in source.read(shard):
+        if isinstance(item, Document) and (chars := _record_chars(item)) > limit:
+            if item.text is None:
+                item = reject(source.on_error, item.where, f"chat record of {chars} characters is "
+                              f"longer than data_pipeline.max_record_chars={limit}; shorten it or "
+                              "raise the cap")
+            else:
+                flush()  # documents stay in file order
+                batch_chars = 0
+                add(item, _encode_long_text(tokenizer, item.text, options), None)
+                split.append(f"{item.where} ({chars} characters)")
+                continue
         if isinstance(item, Skipped):
             skipped.append(f"{item.where}: {item.reason}")
             continue
         batch.append(item)
-        if len(batch) >= _ENCODE_BATCH:
+        batch_chars += chars
+        if len(batch) >= _ENCODE_BATCH or batch_chars >= limit:
             flush()
+            batch_chars = 0
     flush()
     has_mask = any(not m.all() for m in masks)
     tmp = f"{out}.tmp-{os.getpid()}.npz"
@@ -109,7 +173,8 @@ def tokenize_shard(source, shard: str, spec: TokenizerSpec, options: CacheOption
              lengths=np.asarray(lengths, np.int64), hashes=np.asarray(hashes, np.uint64),
              loss_mask=np.concatenate(masks) if has_mask else np.zeros(0, np.uint8))
     os.replace(tmp, out)
-    return {"docs": len(lengths), "tokens": int(sum(lengths)), "skipped": skipped, "has_mask": has_mask}
+    return {"docs": len(lengths), "tokens": int(sum(lengths)), "skipped": skipped, "split": split,
+            "has_mask": has_mask}
 
 
 def _tokenize_job(args):
@@ -205,9 +270,10 @@ def _assemble(build: Path, shards: list, ledger: dict[int, dict], tmp: Path, met
         raise DataError(f"token id {max_token[0]} >= vocab size {meta['vocab_size']}; the tokenizer "
                         "and its reported vocab size disagree")
     skipped = [s for i in range(len(shards)) for s in ledger[i]["skipped"]]
+    split = [s for i in range(len(shards)) for s in ledger[i].get("split", [])]
     meta.update(num_tokens=num_tokens, num_docs=num_docs, dtype=dtype, has_loss_mask=has_mask,
                 max_token=max_token[0], skipped=len(skipped), skipped_examples=skipped[:20],
-                complete=True)
+                split_records=len(split), split_examples=split[:20], complete=True)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -235,6 +301,11 @@ def build_token_cache(sources: Sequence, tokenizer: Tokenizer, manager: CacheMan
         entry = {"index": index, "part": f"parts/{index:06d}.npz", **counts}
         _append_ledger(ledger_path, entry)
         ledger[index] = entry
+        if counts["split"]:
+            logging.warning("%d record(s) longer than data_pipeline.max_record_chars=%d characters "
+                            "were tokenized in pieces cut at whitespace (tokens at a cut may differ "
+                            "from tokenizing them whole): %s", len(counts["split"]),
+                            options.max_record_chars, ", ".join(counts["split"][:5]))
         if progress:
             progress(len(ledger), len(shards))
 
@@ -324,9 +395,16 @@ class TokenCache:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def document(self, d: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Tokens int32[n] and loss mask uint8[n] (None: all ones) of document `d`."""
-        start, stop = int(self.offsets[d]), int(self.offsets[d + 1])
+    @property
+    def in_memory(self) -> bool:
+        return self.tokens is not None
+
+    def document(self, d: int, start: int = 0, stop: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens int32[n] and loss mask uint8[n] (None: all ones) of document `d`, or of its
+        tokens start:stop (a window read without reading the rest of the document)."""
+        first, end = int(self.offsets[d]), int(self.offsets[d + 1])
+        start, stop = first + start, end if stop is None else min(first + stop, end)
         if self.tokens is not None:
             tokens = self.tokens[start:stop]
             mask = None if self.loss_mask is None else self.loss_mask[start:stop]

@@ -5,14 +5,25 @@ from __future__ import annotations
 import collections
 import json
 
+import grain
 import numpy as np
 import pytest
 
 from llamahome.cache import CacheManager
 from llamahome.config import gin_config
-from llamahome.data.pipeline import data_pipeline, make_data_iterator
+from llamahome.data.packing import PackIterDataset
+from llamahome.data.pipeline import (
+    DocumentWindows,
+    cache_name_for,
+    data_pipeline,
+    make_data_iterator,
+    open_cache,
+    split_documents,
+)
 from llamahome.data.sources import TextFiles
+from llamahome.data.token_cache import TokenCache
 from llamahome.errors import ConfigError
+from tests.unit.data.conftest import WORDS
 
 
 def make(split, folder, tokenizer, tmp_path, *, batch=4, seq_len=48, seed=0, index=0, count=1, **cfg):
@@ -123,3 +134,100 @@ def test_shakespeare_gin_file(tmp_path, text_corpus, sp_model_path):
 def test_bad_batch_size_names_the_fix(tmp_path, text_corpus, sp_tokenizer):
     with pytest.raises(ConfigError, match="not divisible by 3 processes"):
         make("train", text_corpus[0], sp_tokenizer, tmp_path, batch=4, count=3)
+
+
+def test_document_windows_hold_every_pair_once():
+    lengths = np.random.default_rng(0).integers(0, 60, 200)
+    lengths[[3, 50, 51]] = [1000, 257, 18]
+    docs = np.flatnonzero(lengths >= 2)
+    windows = DocumentWindows(docs, lengths, pairs=16)
+    read = [windows[i] for i in range(len(windows))]
+    assert all(2 <= stop - start <= 17 for _, start, stop in read)  # at most 16 pairs each
+    pairs = collections.Counter((d, p) for d, start, stop in read for p in range(start, stop - 1))
+    assert pairs == collections.Counter((d, p) for d in docs for p in range(lengths[d] - 1))
+    short = [(d, 0, lengths[d]) for d in docs if lengths[d] <= 17]  # one window: the whole document
+    assert [w for w in read if w[0] in {d for d, _, _ in short}] == short
+    assert [d for d, _, _ in read] == sorted(d for d, _, _ in read)  # in document order
+
+
+@pytest.mark.parametrize("packing", ["concat_split", "first_fit"])
+def test_documents_within_one_window_read_as_whole_documents(tmp_path, text_corpus, sp_tokenizer,
+                                                             packing):
+    """Against the pipeline before windowed reads: shuffled document indices, each read whole."""
+    folder, _ = text_corpus
+    config = data_pipeline(sources=[TextFiles(paths=str(folder), split="paragraph")], packing=packing)
+    manager = CacheManager(root=str(tmp_path / "c"))
+    cache = open_cache(config.sources, config, sp_tokenizer, manager, cache_name_for(config.sources, None))
+    docs = split_documents(cache, "train", config.validation_fraction, config.split_seed)
+    assert cache.lengths[docs].max() - 1 <= config.window_rows * 48
+
+    def whole(d):
+        tokens, _ = cache.document(int(d))
+        return {"tokens": tokens, "loss_mask": np.ones(len(tokens), np.float32)}
+
+    ds = grain.MapDataset.source(docs).shuffle(seed=5).repeat().map(whole).to_iter_dataset()
+    reference = iter(PackIterDataset(ds, seq_len=48, pad_id=sp_tokenizer.pad_id, method=packing)
+                     .batch(4, drop_remainder=True))
+    windowed = make("train", folder, sp_tokenizer, tmp_path, seed=5, packing=packing)
+    for _ in range(40):
+        a, b = next(reference), next(windowed)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def long_corpus(text_corpus):
+    """text_corpus plus a file of one ~3,000-word paragraph (no blank line): a long document."""
+    folder, paragraphs = text_corpus
+    long = " ".join(np.random.default_rng(7).choice(WORDS, 3000))
+    (folder / "z_long.txt").write_text(long + "\n")
+    return folder, [*paragraphs, long]
+
+
+def test_long_documents_are_read_in_windows_holding_every_pair_once(tmp_path, long_corpus,
+                                                                   sp_tokenizer, monkeypatch):
+    folder, paragraphs = long_corpus
+    reads = []
+    document = TokenCache.document
+
+    def recording(self, d, start=0, stop=None):
+        tokens, mask = document(self, d, start, stop)
+        reads.append(len(tokens))
+        return tokens, mask
+
+    monkeypatch.setattr(TokenCache, "document", recording)
+    it = make("train", folder, sp_tokenizer, tmp_path, batch=1, seq_len=16, window_rows=4,
+              validation_fraction=0.0)
+    docs = [sp_tokenizer.encode(p, add_eos=True) for p in paragraphs]
+    assert max(len(d) for d in docs) > 3000
+    pairs = collections.Counter(pair for d in docs for pair in zip(d[:-1], d[1:]))
+    stream = []  # concat_split keeps window order, so the first epoch is a prefix of the stream
+    while len(stream) < sum(pairs.values()):
+        b = next(it)
+        keep = b["segment_ids"][0] > 0
+        stream += zip(b["inputs"][0][keep].tolist(), b["targets"][0][keep].tolist())
+    assert collections.Counter(stream[:sum(pairs.values())]) == pairs
+    assert max(reads) == 4 * 16 + 1  # never more than one packing window of the long document
+
+
+@pytest.mark.parametrize("packing", ["concat_split", "padded"])
+def test_restore_inside_a_long_document_gives_the_same_next_batches(tmp_path, long_corpus,
+                                                                    sp_tokenizer, packing):
+    folder, _ = long_corpus
+    kwargs = dict(batch=2, seq_len=16, window_rows=2, packing=packing)
+    it = make("train", folder, sp_tokenizer, tmp_path, **kwargs)
+    for _ in range(101):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(60)]
+    fresh = make("train", folder, sp_tokenizer, tmp_path, **kwargs)
+    fresh.set_state(state)
+    for a, b in zip(expected, (next(fresh) for _ in range(60)), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_bad_read_settings_name_the_fix():
+    with pytest.raises(ConfigError, match="data_pipeline.max_record_chars=0; use an integer >= 1"):
+        data_pipeline(sources=[], max_record_chars=0)
+    with pytest.raises(ConfigError, match="data_pipeline.read_prefetch=-1"):
+        data_pipeline(sources=[], read_prefetch=-1)

@@ -169,3 +169,87 @@ def test_open_validates_and_names_the_fix(tmp_path, text_corpus, sp_tokenizer):
     shutil.rmtree(path / "offsets")
     with pytest.raises(DataError, match="corrupt.*cannot open"):
         TokenCache(path)
+
+
+def test_default_record_cap_keeps_existing_fingerprints(text_corpus, sp_tokenizer):
+    """Caches built before max_record_chars existed (format 1) keep their fingerprint."""
+    import hashlib  # noqa: PLC0415
+
+    folder, _ = text_corpus
+    source = TextFiles(paths=str(folder), split="paragraph")
+    format_1 = {"format": 1, "sources": [{"kind": "TextFiles", "config": repr(source),
+                                          "shards": [source.describe(s) for s in source.shards()]}],
+                "tokenizer": sp_tokenizer.fingerprint, "options": {"add_bos": True, "add_eos": True}}
+    expected = hashlib.sha256(json.dumps(format_1, sort_keys=True).encode()).hexdigest()[:20]
+    assert cache_fingerprint([source], sp_tokenizer, CacheOptions()) == expected
+    assert cache_fingerprint([source], sp_tokenizer, CacheOptions(max_record_chars=4096)) != expected
+
+
+class _RecordingTokenizer:
+    """Wraps a tokenizer and records the length of every text it is asked to encode."""
+
+    def __init__(self, inner, seen: list[int]):
+        self._inner, self.seen = inner, seen
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode(self, text, add_bos=True, add_eos=False):
+        self.seen.append(len(text))
+        return self._inner.encode(text, add_bos, add_eos)
+
+    def encode_batch(self, texts, add_bos=True, add_eos=False):
+        self.seen.extend(len(t) for t in texts)
+        return self._inner.encode_batch(texts, add_bos, add_eos)
+
+
+def test_long_record_is_tokenized_in_bounded_pieces_as_one_document(tmp_path, sp_model_path,
+                                                                    sp_tokenizer, monkeypatch, caplog):
+    import llamahome.data.token_cache as token_cache  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    words = ["the", "king", "queen", "crown", "sword", "love", "night"]
+    long_line = " ".join(rng.choice(words, 1500))  # ~8,000 characters, no newline
+    path = tmp_path / "txt" / "long.txt"
+    path.parent.mkdir()
+    path.write_text(f"a short line\n{long_line}\nanother short line\n")
+    seen: list[int] = []
+    monkeypatch.setattr(token_cache, "tokenizer_from_spec",
+                        lambda spec: _RecordingTokenizer(sp_tokenizer, seen))
+    caplog.set_level("WARNING")
+    cache_path = build_token_cache([TextFiles(paths=str(path), split="line")], sp_tokenizer,
+                                   CacheManager(root=str(tmp_path / "c")), name="long",
+                                   options=CacheOptions(max_record_chars=1000))
+    assert max(seen) <= 1000 and sum(seen) >= len(long_line)  # never more than the cap at once
+    cache = TokenCache(cache_path)
+    assert cache.num_docs == 3  # the long line is still one document, between its neighbours
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model_path)
+    tokens = cache.document(1)[0].tolist()
+    assert tokens[0] == 1 and tokens[-1] == 2 and 1 not in tokens[1:-1] and 2 not in tokens[1:-1]
+    assert sp.decode(tokens[1:-1]).split() == long_line.split()  # every word, none cut in two
+    whole = sp.encode(long_line)
+    cuts = len(long_line) // 500  # each piece but the last holds over half the cap
+    assert 0 <= len(tokens) - 2 - len(whole) <= cuts  # at most one extra '▁' at each cut
+    assert cache.document(0)[0].tolist() == [1, *sp.encode("a short line"), 2]
+    assert cache.document(2)[0].tolist() == [1, *sp.encode("another short line"), 2]
+    meta = json.loads((cache_path / "meta.json").read_text())
+    assert meta["split_records"] == 1
+    assert meta["split_examples"] == [f"{path}:2 ({len(long_line)} characters)"]
+    assert f"{path}:2" in caplog.text and "max_record_chars=1000" in caplog.text
+
+
+def test_long_chat_record_is_an_error_naming_file_and_line(tmp_path, sp_tokenizer):
+    path = tmp_path / "chat.jsonl"
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in (short, long, short)) + "\n")
+    options = CacheOptions(max_record_chars=1000)
+    with pytest.raises(DataError, match=rf"{path}:2: chat record of 2002 characters is longer than "
+                                        r"data_pipeline.max_record_chars=1000"):
+        build_token_cache([JsonlFiles(paths=str(path), messages_field="messages")], sp_tokenizer,
+                          CacheManager(root=str(tmp_path / "c")), name="chat", options=options)
+    skipping = build_token_cache([JsonlFiles(paths=str(path), messages_field="messages", on_error="skip")],
+                                 sp_tokenizer, CacheManager(root=str(tmp_path / "s")), name="chat",
+                                 options=options)
+    meta = json.loads((skipping / "meta.json").read_text())
+    assert (meta["num_docs"], meta["skipped"]) == (2, 1)
