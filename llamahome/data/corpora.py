@@ -140,4 +140,5 @@ def corpus_tokenizer(name: str = "shakespeare", vocab_size: int = 8192,
         texts = (Path(f).read_text(encoding="utf-8") for f in corpus_files(name, "train"))
         out = train_bpe_tokenizer(texts, Path(tmp) / "tokenizer", vocab_size, min_frequency)
         path = manager.commit("tokenizers", f"{name}-bpe{vocab_size}", key, out)
+    logging.info("tokenizer of corpus %s cached in %s", name, path)
     return str(path)

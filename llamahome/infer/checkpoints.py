@@ -10,6 +10,8 @@ A training step (llamahome/train/checkpoint.py) holds the whole TrainState; only
 are read (Orbax partial restore), so the optimizer state never reaches memory. The model
 config comes from the gin config saved with the step (or the run dir's config.gin), a
 params checkpoint's model.gin, or an HF config.json; `config` stands in when there is none.
+A training run's tokenizer is the copy in its run dir (`<run_dir>/tokenizer/`), else the one
+its config binds; other kinds use the tokenizer files beside the weights.
 `overrides` change run-time fields (e.g. dtype="bfloat16"). With a mesh the params are
 restored directly onto their shardings from the logical axis rules.
 """
@@ -22,9 +24,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from gin import config_parser
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from llamahome.config.gin_text import gin_bindings
 from llamahome.data.tokenizer import TokenizerSpec
 from llamahome.errors import CheckpointError
 from llamahome.model import hf, params_io
@@ -33,6 +35,7 @@ from llamahome.model.hf_jobs import MODEL_GIN, PARAMS_SUBDIR
 from llamahome.model.llama import param_logical_axes, param_shapes
 from llamahome.parallel.rules import Rules
 from llamahome.parallel.sharding import logical_shardings
+from llamahome.train.run_tokenizer import run_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -47,6 +50,7 @@ class LoadedModel:
     kind: str  # "train" | "params" | "hf"
     path: Path  # the step dir, params dir or HF dir read
     step: int | None = None
+    gin_config: str | None = None  # a training step's saved gin config (its data, its schedule)
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -87,36 +91,6 @@ def resolve(path: str | Path, step: int | None = None) -> tuple[str, Path]:
         "(config.json + safetensors)")
 
 
-def gin_bindings(text: str, configurable: str) -> dict[str, Any]:
-    """The unscoped bindings `configurable.<arg> = value` in a gin config text, macros resolved.
-
-    Read with gin's parser without touching the global gin config, so a saved run config can
-    be inspected while another is bound.
-    """
-    class Delegate(config_parser.ParserDelegate):
-        def configurable_reference(self, scoped_name, evaluate):
-            return ("@", scoped_name)
-
-        def macro(self, name):
-            return ("%", name)
-
-    macros, bindings = {}, {}
-    for statement in config_parser.ConfigParser(text, Delegate()):
-        if not isinstance(statement, config_parser.BindingStatement) or statement.scope:
-            continue
-        if not statement.arg_name:
-            macros[statement.selector] = statement.value
-        elif statement.selector.rsplit(".", 1)[-1] == configurable:
-            bindings[statement.arg_name] = statement.value
-
-    def resolve_macro(value, depth=0):
-        while isinstance(value, tuple) and len(value) == 2 and value[0] == "%" and depth < 16:
-            value, depth = macros.get(value[1]), depth + 1
-        return value
-
-    return {arg: resolve_macro(value) for arg, value in bindings.items()}
-
-
 def _saved_gin_config(step_dir: Path) -> str:
     try:
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
@@ -148,7 +122,7 @@ def _tokenizer_in(*folders: Path) -> TokenizerSpec | None:
 def _tokenizer_bound(gin_text: str) -> TokenizerSpec | None:
     """The tokenizer a training run's gin config binds (load_tokenizer.*)."""
     bound = gin_bindings(gin_text, "load_tokenizer")
-    if not isinstance(bound.get("path"), str):
+    if not isinstance(bound.get("path"), str) or "<redacted>" in bound["path"]:
         return None
     return TokenizerSpec(bound["path"], *(bound.get(f"{t}_token") for t in ("bos", "eos", "pad")))
 
@@ -189,8 +163,9 @@ def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig
         model_config = _config_from_gin(text, where).replace(**overrides)
         params = _restore_train_params(where, model_config,
                                        _shardings(model_config, mesh, rules))
-        return LoadedModel(model_config, params, _tokenizer_bound(text), kind, where,
-                           int(where.name))
+        # The run's own copy (train/run_tokenizer.py) outlives the file it was trained from.
+        tokenizer = run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
+        return LoadedModel(model_config, params, tokenizer, kind, where, int(where.name), text)
     model_gin = where.parent / MODEL_GIN
     if model_gin.is_file():
         model_config = _config_from_gin(model_gin.read_text(), model_gin)

@@ -14,7 +14,7 @@ import pytest
 import llamahome.cli  # noqa: F401  (registers launch, which the job gin files bind)
 from llamahome.config import gin_config
 from llamahome.data.tokenizer import load_tokenizer
-from llamahome.errors import CheckpointError
+from llamahome.errors import CheckpointError, UserError
 from llamahome.infer import jobs
 from llamahome.infer.checkpoints import gin_bindings, load_model
 from llamahome.infer.generator import TextStream, load_generator
@@ -199,3 +199,38 @@ def test_evaluate_perplexity_equals_exp_of_numpy_mean_loss(tmp_path, trained_run
     assert saved["step"] == 3 and saved["loss"] == result["loss"]
     metrics = json.loads((tmp_path / "eval_run" / "metrics.jsonl").read_text())
     assert metrics["split"] == "eval" and metrics["perplexity"] == result["perplexity"]
+
+
+def test_evaluate_needs_only_the_run_dir(tmp_path, sp_path, shakespeare_gin, eight_devices):
+    """A run saved with its data bindings evaluates from `evaluate.checkpoint` alone, on the same
+    batches (same figures) as with its data gin file bound, and with the run dir's tokenizer."""
+    files, bindings = shakespeare_gin
+    run_dir = tmp_path / "run"
+    gin_config.parse_config(["gin/data/shakespeare.gin"], [], [], bindings + [
+        f"LlamaConfig.{line}" for line in architecture_gin(CONFIG).replace("LlamaConfig.", "").splitlines()])
+    ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
+    ckpt.save(5, init_train_state(init_params(CONFIG, jax.random.key(5)), optax.adamw(1e-3), 0))
+    ckpt.close()
+    from llamahome.train.run_tokenizer import save_run_tokenizer  # noqa: PLC0415
+
+    save_run_tokenizer(run_dir, load_tokenizer())
+    settings = ["evaluate.seq_len = 32", "evaluate.max_batches = 3",
+                f"CacheManager.root = '{tmp_path / 'cache'}'"]
+
+    gin.clear_config()
+    gin_config.parse_config(files, [], [], bindings + settings + [f"evaluate.checkpoint = '{run_dir}'"])
+    bound = jobs.evaluate(run_dir=str(tmp_path / "bound"))
+
+    gin.clear_config()
+    gin_config.parse_config(["gin/jobs/evaluate.gin"], [], [], settings + [
+        f"evaluate.checkpoint = '{run_dir}'"])
+    alone = jobs.evaluate(run_dir=str(tmp_path / "alone"))
+    assert alone == bound and alone["tokens"] > 0
+
+    with pytest.raises(UserError, match="names no data set; pick one with --gin_file=gin/data/"):
+        out = tmp_path / "imported"
+        params_io.save_params(out / "params", init_params(CONFIG, jax.random.key(0)))
+        (out / "model.gin").write_text(architecture_gin(CONFIG))
+        gin.clear_config()
+        gin_config.parse_config(["gin/jobs/evaluate.gin"], [], [], settings + [f"evaluate.checkpoint = '{out}'"])
+        jobs.evaluate(run_dir=str(tmp_path / "x"))
