@@ -52,8 +52,8 @@ def test_download_job_never_writes_or_logs_the_token(tmp_path, python_runner, mo
     written = all_text(run_dir, tmp_path / "run2", models_dir)
     logs = ok.stdout + ok.stderr + failed.stdout + failed.stderr
     assert TOKEN not in written and TOKEN not in logs
-    assert {p.name for p in run_dir.iterdir()} == {"config.gin", "operative_config.gin",
-                                                    "download.json"}
+    assert {p.name for p in run_dir.iterdir()} == {".lock", "config.gin", "operative_config.gin",
+                                                    "download.json"}  # .lock: llamahome/run_lock.py
     record = json.loads((run_dir / "download.json").read_text())
     assert record["ref"] == "org--tiny@1" and record["revision"] == COMMIT
     assert record["files"] == {n: hashlib.sha256(d).hexdigest() for n, d in FILES.items()}
