@@ -77,7 +77,7 @@ RULES: dict[str, Rule] = {
     "train.steps": at_least(1),
     "train.batch_size": at_least(1),
     "train.seq_len": at_least(1),
-    "train.learning_rate": positive(),
+    "train.learning_rate": at_least(0),  # 0 trains nothing: a run that only measures its loss
     "train.gradient_accumulation_steps": at_least(1),
     "train.seed": at_least(0),
     "train.eval_every": at_least(0),
@@ -90,7 +90,7 @@ RULES: dict[str, Rule] = {
     "CheckpointConfig.save_steps": at_least(1),
     "CheckpointConfig.keep_last_n": at_least(1),
     # optimizers and schedules (llamahome/train/optim.py)
-    "build_optimizer.learning_rate": positive(),
+    "build_optimizer.learning_rate": at_least(0),
     "build_optimizer.total_steps": at_least(1),
     "build_optimizer.clip_norm": positive(),
     "constant.warmup_steps": at_least(0),

@@ -5,10 +5,20 @@ Each step holds three items:
 - `data_iter`: the data iterator state, one JSON file `shard_<k>-of-<K>.json` per data shard,
   each written by the process that reads that shard (llamahome/parallel/data_shards.py), so a
   step written by 2 processes restores on 1 that reads both shards (`train.data_shards=2`);
-- `config`: the gin config the run was started with, as JSON {"gin_config": "..."}.
+- `config`: the gin config the run was started with, secrets redacted, as JSON {"gin_config": "..."};
+  a resume compares it with the new run's (`config_changes`).
+
+Every step is sealed with `llamahome_manifest.json`: the size and sha256 of each of its files,
+written atomically by process 0 once Orbax has committed the step (for an async save: at the
+first `poll`, `save` or `wait` after the background write finished). `verify` re-reads a step
+against it. A step without a manifest is either older than checksums (no older step has one:
+restored with a warning) or was committed by a run killed before sealing it (an older step has
+one: not trusted, the restore falls back). Retention never deletes the newest sealed step, so
+a few steps may briefly outlive `keep_last_n`.
 
 Saves are asynchronous by default: the arrays are copied to host memory, then written in a
-background thread while training continues. Orbax writes each step into a temporary folder
+background thread while training continues; `poll` (every step) reports a failed background
+save as a one-line CheckpointError naming the step, the cause and the newest good step. Orbax writes each step into a temporary folder
 and renames it when complete, so a process killed mid-write leaves a temporary folder that
 is never restored (and is deleted at the next start). Retention: the last `keep_last_n`
 steps, plus (with `save_best`) the step with the lowest eval loss.
@@ -24,7 +34,12 @@ on one mesh restores onto any other.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import hashlib
 import json
+import logging as std_logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +49,25 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from etils import epath
 
+from llamahome.cli import write_text_atomic
 from llamahome.errors import CheckpointError
+from llamahome.parallel import distributed
 from llamahome.parallel.data_shards import ShardedIterator, as_sharded
+from llamahome.secrets import REDACTED, redact_gin_config
 
 EVAL_LOSS = "eval_loss"
+MANIFEST = "llamahome_manifest.json"
+NO_MANIFEST = "has no checksum manifest"
+REJECTED_DIR = "rejected"  # corrupt steps set aside by a fallback, under the checkpoints dir
+
+# Bindings a resume may change without train.resume_with_changed_config: how long the run goes
+# and how it reports, saves and finds its peers, not what it computes.
+RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
+                     "train.progress_bar", "train.resume_with_changed_config",
+                     "CheckpointConfig.*", "launch.run_dir", "launch.write_config",
+                     "CacheManager.root", "initialize.*", "Watchdog.*", "Profiler.*",
+                     "MetricsWriter.*", "Heartbeat.*",
+                     "build_optimizer.horizons")  # the schedule's record of extensions (optim.py)
 
 
 @gin.configurable
@@ -82,7 +112,7 @@ class DataShardsHandler:
                 f"{directory} has data iterator states {found}, not {missing}: the checkpoint was "
                 f"written with another number of data shards than this run's {item.num_shards}. "
                 "Set train.data_shards to the K of its shard_*-of-K.json files")
-        item.set_state({k: json.loads(p.read_text()) for k, p in paths.items()})
+        item.set_state({k: _read_json(p) for k, p in paths.items()})
         return item
 
     def structure(self, directory: epath.Path) -> None:
@@ -114,6 +144,13 @@ class DataShardsRestore(ocp.args.CheckpointArgs):
     item: ShardedIterator
 
 
+def _read_json(path: epath.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({e})") from None
+
+
 def _snapshot(data_iter: Any) -> _ShardStates:
     shards = as_sharded(data_iter)
     return _ShardStates(shards.num_shards, {k: json.dumps(state, indent=1)
@@ -139,24 +176,155 @@ def _policy(config: CheckpointConfig) -> ocp.checkpoint_managers.PreservationPol
     return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Seals a committed step: `MANIFEST` with the size and sha256 of each of its files."""
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _step_files(step_dir)}
+    write_text_atomic(step_dir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1))
+
+
+def verify(step_dir: Path) -> str | None:
+    """None when every file in `step_dir`'s manifest is intact, else what is wrong (NO_MANIFEST...)."""
+    manifest = step_dir / MANIFEST
+    if not manifest.exists():
+        return NO_MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"{MANIFEST} is corrupt ({e})"
+    for name, want in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} is {size} bytes, {want['size']} when written (truncated or overwritten)"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its sha256 checksum (garbled)"
+    return None
+
+
+def _bindings(config: str) -> dict[str, str]:
+    """`name -> value` of a gin config string (gin.config_str()'s layout), values normalized."""
+    bindings: dict[str, str] = {}
+    name = None
+    for line in config.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.match(r"([A-Za-z_][\w./]*)\s*=(.*)", line)
+        if match and not line[0].isspace():
+            name = match.group(1)
+            bindings[name] = match.group(2)
+        elif name is not None:  # a value continued on the next lines
+            bindings[name] += line
+    return {k: _normalize(v) for k, v in bindings.items()}
+
+
+def _normalize(value: str) -> str:
+    """One spelling per value, however gin wrapped it: `[\n    'a',\n    'b']` -> `['a', 'b']`."""
+    value = re.sub(r"\s*,\s*", ", ", " ".join(value.split()))
+    return re.sub(r"\s+([\])}])", r"\1", re.sub(r"([\[({])\s+", r"\1", value))
+
+
+def config_changes(saved: str, current: str) -> list[str]:
+    """'name: old -> new' for each binding that differs, but for RESUMABLE_CHANGES and secrets."""
+    old, new = _bindings(redact_gin_config(saved)), _bindings(redact_gin_config(current))
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        unscoped = name.rpartition("/")[2]
+        values = (old.get(name, ""), new.get(name, ""))
+        if values[0] == values[1] or any(REDACTED in v for v in values) or any(
+                fnmatch.fnmatchcase(unscoped, p) for p in RESUMABLE_CHANGES):
+            continue  # a redacted secret is not compared: the stored copy never holds its value
+        changes.append(f"{name}: {old.get(name, '<unset>')} -> {new.get(name, '<unset>')}")
+    return changes
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepNewestSealed:
+    """`policy`, but never deletes the newest sealed step (the newer may not be sealed yet)."""
+
+    directory: Path
+    policy: Any
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        keep = list(self.policy.should_preserve(checkpoints, context=context))
+        sealed = [i for i, c in enumerate(checkpoints) if (self.directory / str(c.step) / MANIFEST).exists()]
+        if sealed:
+            keep[max(sealed, key=lambda i: checkpoints[i].step)] = True
+        return keep
+
+
+class _QuietOrbax(std_logging.Filter):
+    """Drops Orbax log records that Checkpointer reports itself, in one line, or that mislead."""
+
+    NOISE = ("Requested `tracked_metric`; did not provide metrics",  # a save without an eval
+             "Failed to run", "Save Finalize thread", "Checkpointer failed")  # a failed save
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        message = str(record.msg)
+        return not any(n in message for n in self.NOISE)
+
+
+_QUIET_ORBAX = _QuietOrbax()
+
+
+def _cause(e: BaseException) -> str:
+    """The root cause of a failed save in a few words: an OSError's strerror, else the first line."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"{os.strerror(seen.errno)} [Errno {seen.errno}]"
+        seen = seen.__cause__ or seen.__context__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 class Checkpointer:
-    """Saves and restores TrainState + data iterator + gin config; one per run dir."""
+    """Saves, seals, verifies and restores TrainState + data iterator + gin config; one per run dir."""
 
     def __init__(self, directory: str | Path, config: CheckpointConfig):
         if config.keep_last_n < 1:
             raise CheckpointError(f"CheckpointConfig.keep_last_n={config.keep_last_n}: keep at least 1")
         _use_coordination_barriers()
+        std_logging.getLogger("absl").addFilter(_QUIET_ORBAX)
         self.config = config
         self.directory = Path(directory).absolute()
+        self._unsealed: int | None = None  # the step saved last, until committed and sealed
+        self._failed = False
+        self._verified: dict[tuple, str | None] = {}
         # best_fn only makes Orbax write each step's metrics, so retention survives a restart.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_policy(config), best_fn=_eval_loss if config.save_best else None,
+            preservation_policy=_KeepNewestSealed(self.directory, _policy(config)),
+            best_fn=_eval_loss if config.save_best else None,
             best_mode="min", enable_async_checkpointing=config.async_save,
             cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def is_sealed(self, step: int) -> bool:
+        """Whether `step` has a checksum manifest (not re-read: `verify` does that)."""
+        return (self.step_dir(step) / MANIFEST).exists()
+
+    def newest_sealed_step(self) -> int | None:
+        sealed = [s for s in self.all_steps() if self.is_sealed(s)]
+        return sealed[-1] if sealed else None
 
     def best_step(self) -> int | None:
         """The kept step with the lowest eval loss (None when no kept step has one)."""
@@ -170,14 +338,66 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
     def save(self, step: int, state: Any, data_iter: Any = None, eval_loss: float | None = None) -> None:
         """Starts saving `state` as `step` (returns once the arrays are on the host when async)."""
+        self.wait()  # the previous step: committed and sealed (retention reads its manifest)
         items = {"state": ocp.args.StandardSave(state),
-                 "config": ocp.args.JsonSave({"gin_config": gin.config_str()})}
+                 "config": ocp.args.JsonSave({"gin_config": redact_gin_config(gin.config_str())})}
         if data_iter is not None:
             items["data_iter"] = DataShardsSave(_snapshot(data_iter))
         metrics = {EVAL_LOSS: float(eval_loss)} if eval_loss is not None else None
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self._unsealed = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001  (disk, permissions, ...: reported in one line)
+            raise self._save_failed(e) from None
+        if not self.config.async_save:
+            self.wait()
+
+    def poll(self) -> None:
+        """Seals the last save once its background write is done; a failed one raises CheckpointError."""
+        if self._unsealed is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until the last save is committed and sealed; raises CheckpointError if it failed."""
+        if self._unsealed is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_manifest(self.step_dir(self._unsealed))
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from None
+        self._unsealed = None
+
+    def _save_failed(self, e: Exception) -> CheckpointError:
+        step, self._unsealed, self._failed = self._unsealed, None, True
+        good = self.newest_sealed_step()
+        kept = (f"the newest good checkpoint is step {good} in {self.directory}" if good is not None
+                else f"no earlier checkpoint is in {self.directory}")
+        return CheckpointError(f"saving checkpoint step {step} failed: {_cause(e)}; {kept}. Fix the "
+                               "cause (e.g. free disk space) and run the same command to resume")
+
+    def verify(self, step: int) -> str | None:
+        """None when `step`'s files match its manifest, else what is wrong (NO_MANIFEST if unsealed).
+
+        Remembered while no file of the step changes (name, size and mtime), so the job's look
+        at the resume step and the restore after it hash the files once.
+        """
+        step_dir = self.step_dir(step)
+        key = (step, tuple((p.relative_to(step_dir).as_posix(), st.st_size, st.st_mtime_ns)
+                           for p in sorted(step_dir.rglob("*")) if (st := p.stat()) and p.is_file()))
+        if key not in self._verified:
+            self._verified[key] = verify(self.step_dir(step))
+        return self._verified[key]
+
+    def config_changes(self, step: int) -> list[str]:
+        """How this process's gin config differs from `step`'s (RESUMABLE_CHANGES aside)."""
+        return config_changes(self.saved_config(step), gin.config_str())
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """The state saved at `step`, laid out as `abstract_state` says; resets `data_iter` too."""
@@ -186,24 +406,47 @@ class Checkpointer:
             items["data_iter"] = DataShardsRestore(as_sharded(data_iter))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"cannot restore {self.directory / str(step)}: {e}. If the model or "
-                                  "optimizer changed since it was written, start a new run dir") from e
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+            lines = str(e).strip().splitlines()
+            raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: "
+                                  f"{lines[0][:300] if lines else ''}") from e
         logging.info("restored step %d from %s", step, self.directory)
         return restored["state"]
 
+    def set_aside(self, steps: list[int]) -> Path:
+        """Moves `steps` (found corrupt) under `REJECTED_DIR`, so that new saves can take their numbers."""
+        rejected = self.directory / REJECTED_DIR
+        if jax.process_index() == 0:
+            rejected.mkdir(exist_ok=True)
+            for step in steps:
+                target = rejected / str(step)
+                suffix = 1
+                while target.exists():
+                    suffix += 1
+                    target = rejected / f"{step}-{suffix}"
+                self.step_dir(step).rename(target)
+        distributed.any_process(False)  # every process sees the moves before reloading
+        self._manager.reload()
+        self._verified.clear()
+        return rejected
+
     def saved_config(self, step: int) -> str:
-        """The gin config stored with `step`."""
+        """The gin config stored with `step` (secrets redacted)."""
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"]["gin_config"]
 
-    def wait(self) -> None:
-        """Blocks until the last async save is committed."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for (and seals) the last save, then closes; a failed last save raises CheckpointError."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001  (the failure was reported once already)
+                if not self._failed:
+                    raise
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -27,6 +27,7 @@ from llamahome.errors import ConfigError
 from llamahome.hub.registry import resolve_model_path
 from llamahome.jobs import job
 from llamahome.data.pipeline import make_data_iterator
+from llamahome.data.tokenizer import load_tokenizer
 from llamahome.model.config import LlamaConfig
 from llamahome.model.llama import Llama, init_params, param_logical_axes, param_shapes
 from llamahome.monitor.mfu import peak_flops
@@ -40,7 +41,8 @@ from llamahome.parallel.rules import axis_rules
 from llamahome.parallel.watchdog import Watchdog
 from llamahome.train import loop
 from llamahome.train.checkpoint import CheckpointConfig, Checkpointer
-from llamahome.train.optim import build_optimizer, decay_mask
+from llamahome.train.optim import build_optimizer, decay_mask, schedule_horizons
+from llamahome.train.run_tokenizer import checkpoint_vocab, fit_vocab, save_run_tokenizer
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -51,7 +53,7 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
           eval_every: int = 500, eval_batches: int | None = 20, log_every: int = 1,
           z_loss: float = 0.0, init_from: str | None = None, nan_policy: str = "stop",
           progress_bar: bool = True, data_shards: int | None = None,
-          loss_chunk_length: int = 0) -> dict[str, float]:
+          loss_chunk_length: int = 0, resume_with_changed_config: bool = False) -> dict:
     """Trains LlamaConfig() on make_data_iterator("train") for `steps` optimizer steps.
 
     `data_shards`: how many readers split the data (default: the process count); keep it
@@ -59,6 +61,8 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     `loss_chunk_length`: positions per block of the output head + loss (0: the whole
     sequence); a divisor of `seq_len` bounds the live logits to [batch, block, vocab]
     (llamahome/train/loss.py).
+    `resume_with_changed_config`: resume a checkpoint whose gin config differs from this one in
+    more than run-length settings (llamahome/train/checkpoint.py RESUMABLE_CHANGES).
     """
     if loss_chunk_length and seq_len % loss_chunk_length:
         raise ConfigError(f"train.loss_chunk_length={loss_chunk_length} does not divide "
@@ -77,25 +81,33 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
         seq_len=seq_len, seed=seed, cache_manager=cache_manager)
     train_iter = open_split("train")
 
-    config = LlamaConfig()
+    ckpt_config = CheckpointConfig()
+    ckpt = Checkpointer(run_dir / "checkpoints", ckpt_config)
+    resume_step = loop.newest_trusted_step(ckpt)  # the vocab and schedule come from that step
+    saved_config = _saved_config(ckpt, resume_step)
+
+    tokenizer = load_tokenizer()
+    config = fit_vocab(LlamaConfig(), tokenizer.vocab_size, checkpoint_vocab(saved_config))
+    if is_writer:
+        save_run_tokenizer(run_dir, tokenizer)  # the run dir alone is enough to evaluate it
     model = Llama(config)
     apply_fn = lambda params, inputs, positions, segment_ids: model.apply(  # noqa: E731
         {"params": params}, inputs, positions, segment_ids, return_hidden=True)
     param_specs = param_logical_axes(config)
 
-    optimizer, schedule = build_optimizer(learning_rate, steps, decay_mask=decay_mask(param_specs))
+    optimizer, schedule = build_optimizer(learning_rate, steps, decay_mask=decay_mask(param_specs),
+                                          horizons=schedule_horizons(steps, resume_step, saved_config))
     abstract_state, shardings = loop.state_shardings(param_shapes(config), param_specs, optimizer,
                                                      mesh, rules)
 
-    ckpt_config = CheckpointConfig()
-    ckpt = Checkpointer(run_dir / "checkpoints", ckpt_config)
     logging.info("%s: %s, %d params, mesh %s", run_dir, loop.describe_restore(ckpt),
                  config.num_params(), dict(mesh.shape))
     state = loop.restore_or_init(ckpt, abstract_state, shardings, train_iter,
                                  init_params=lambda key: init_params(config, key),
                                  optimizer=optimizer, seed=seed,
                                  init_from=init_from and resolve_model_path(init_from, str(run_dir)),
-                                 load_params=lambda path, s: _load_params(path, config, s))
+                                 load_params=lambda path, s: _load_params(path, config, s),
+                                 resume_with_changed_config=resume_with_changed_config)
 
     batch = loop.abstract_batch(batch_size, seq_len, batch_sharding)
     train_step = loop.compile_train_step(abstract_state, shardings, batch, mesh, rules,
@@ -108,10 +120,11 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
         save_config(run_dir, OPERATIVE_CONFIG_FILE, _operative_config())
 
     start = int(state.step)
-    writer = MetricsWriter(run_dir, steps, start, progress_bar) if is_writer else None
+    peak = peak_flops(str(config.dtype))
+    writer = MetricsWriter(run_dir, steps, start, progress_bar, str(peak)) if is_writer else None
     heartbeat = Heartbeat(run_dir, steps, config.name) if is_writer else None
     reporter = loop.StepReporter(writer, batch_size * seq_len, config.flops_per_token(seq_len),
-                                 peak_flops(str(config.dtype)), nan_policy, log_every, ckpt)
+                                 peak.flops, nan_policy, log_every, ckpt)
     profiler = Profiler(_profile_dir(run_dir))
     watchdog = Watchdog(f"process {jax.process_index()} of {jax.process_count()}")
     if jax.process_count() > 1:
@@ -124,6 +137,7 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
                 profiler.before_step(step)
                 batch = sharding.global_batch(next(train_iter), batch_sharding)
                 state, metrics = train_step(state, batch)
+                ckpt.poll()  # seals the last save, or stops here if it failed in the background
                 profiler.after_step(step, metrics)
                 if pending:
                     reporter.report(*pending)  # the previous step: the host never waits on this one
@@ -162,8 +176,19 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     if is_writer:
         (run_dir / "cache_stats.json").write_text(json.dumps(cache_manager.stats()))
     logging.info("%s at step %d; checkpoints in %s", status, int(state.step), ckpt.directory)
-    return {"step": int(state.step), "loss": reporter.last_loss,
+    return {"step": int(state.step), "status": status, "loss": reporter.last_loss,
             "eval_loss": eval_loss if eval_loss is not None else float("nan")}
+
+
+def _saved_config(ckpt: Checkpointer, step: int | None) -> str | None:
+    """The gin config saved with `step`, or None (no step, or unreadable: the restore says why)."""
+    if step is None:
+        return None
+    try:
+        return ckpt.saved_config(step)
+    except Exception as e:  # noqa: BLE001  (a corrupt step is the restore's to report)
+        logging.warning("could not read the config saved with step %d: %s", step, e)
+        return None
 
 
 def _profile_dir(run_dir: Path) -> Path:

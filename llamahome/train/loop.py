@@ -1,8 +1,9 @@
 """Helpers of the train job (llamahome/train/job.py), each doing one thing.
 
 - `state_shardings`: where every leaf of the TrainState lives, from the model's logical names.
-- `init_state` / `restore_or_init`: a TrainState born sharded, from scratch, from a params
-  checkpoint (`init_from`), or from the run dir's latest checkpoint (auto-resume).
+- `restore_or_init`: a TrainState born sharded, from scratch, from a params checkpoint
+  (`init_from`), or from the run dir's newest checkpoint that verifies (auto-resume; corrupt
+  newer steps are named, set aside, and the resume falls back past them).
 - `compile_train_step` / `compile_eval_step`: the pure steps jit-compiled once, with shardings.
 - `evaluate`: mean loss over (a prefix of) the validation split, the same number of eval
   steps on every process.
@@ -28,13 +29,13 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from llamahome.errors import UserError
+from llamahome.errors import CheckpointError, ConfigError, UserError
 from llamahome.monitor.mfu import mfu
 from llamahome.monitor.writers import MetricsWriter
 from llamahome.parallel import distributed, sharding
 from llamahome.parallel.rules import Rules
 from llamahome.train import step as step_lib
-from llamahome.train.checkpoint import Checkpointer, abstract_like
+from llamahome.train.checkpoint import NO_MANIFEST, Checkpointer, abstract_like
 from llamahome.train.state import TrainState, init_train_state
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
@@ -59,17 +60,80 @@ def state_shardings(params_shape: Any, param_specs: Any, optimizer: optax.Gradie
 
 def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, data_iter: Any,
                     init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
-                    seed: int, init_from: str | None, load_params: Callable[..., Any] | None) -> TrainState:
-    """The latest checkpoint of this run if there is one, else a fresh state (params maybe loaded)."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        return ckpt.restore(latest, abstract_like(abstract_state, shardings), data_iter)
+                    seed: int, init_from: str | None, load_params: Callable[..., Any] | None,
+                    resume_with_changed_config: bool = False) -> TrainState:
+    """The newest good checkpoint of this run if there is one, else a fresh state (params maybe loaded)."""
+    if ckpt.all_steps():
+        return restore_newest_good(ckpt, abstract_like(abstract_state, shardings), data_iter,
+                                   resume_with_changed_config)
     if init_from:
         params = load_params(init_from, shardings.params)
         make = functools.partial(init_train_state, optimizer=optimizer, seed=seed)
         return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
     fresh = lambda key: init_train_state(init_params(key), optimizer, seed)  # noqa: E731
     return sharding.init_sharded(fresh, shardings, jax.random.key(seed))
+
+
+def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
+                        resume_with_changed_config: bool) -> TrainState:
+    """Restores the newest step that verifies and reads; names each newer one and why it was skipped.
+
+    A step without a manifest is trusted (with a warning) only when no older step has one: it
+    predates checksums. After a sealed step, it is a step the run died before sealing.
+    """
+    steps = ckpt.all_steps()
+    problems: dict[int, str] = {}
+    for step in reversed(steps):
+        problem = step_problem(ckpt, step)
+        if problem is None and not ckpt.is_sealed(step):
+            logging.warning("checkpoint step %d is unverified: written before checksums (or the run "
+                            "stopped right after writing it); restoring it anyway", step)
+        if problem is None:
+            _check_config(ckpt, step, resume_with_changed_config)
+            try:
+                state = ckpt.restore(step, abstract_state, data_iter)
+            except CheckpointError as e:
+                problem = str(e)
+        if problem is not None:
+            problems[step] = problem
+            logging.warning("checkpoint step %d is not usable: %s", step, problem)
+            continue
+        if problems:
+            rejected = ckpt.set_aside(sorted(problems))
+            logging.warning("falling back to checkpoint step %d, the newest that verifies (set aside "
+                            "step %s in %s)", step, ", ".join(map(str, sorted(problems))), rejected)
+        return state
+    listed = "; ".join(f"step {s}: {p}" for s, p in problems.items())
+    raise CheckpointError(f"no checkpoint in {ckpt.directory} verifies ({listed}). Move the corrupt "
+                          "steps away to start over, or use a new run dir")
+
+
+def step_problem(ckpt: Checkpointer, step: int) -> str | None:
+    """What makes `step` untrustworthy, or None; an unsealed step is trusted only before any sealed one."""
+    problem = ckpt.verify(step)
+    if problem != NO_MANIFEST:
+        return problem
+    if any(ckpt.is_sealed(s) for s in ckpt.all_steps() if s < step):
+        return f"{NO_MANIFEST}: the run stopped before checking it"
+    return None  # written before checksums: restored with a warning
+
+
+def newest_trusted_step(ckpt: Checkpointer) -> int | None:
+    """The step a resume will start from if it reads: the newest whose files verify."""
+    return next((s for s in reversed(ckpt.all_steps()) if step_problem(ckpt, s) is None), None)
+
+
+def _check_config(ckpt: Checkpointer, step: int, resume_with_changed_config: bool) -> None:
+    """A resume under a different config (run-length settings aside) needs an explicit yes."""
+    changes = ckpt.config_changes(step)
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if not resume_with_changed_config:
+        raise ConfigError(f"the gin config differs from the one checkpoint step {step} in "
+                          f"{ckpt.directory} was saved with: {listed}. Use a new run dir, or set "
+                          "train.resume_with_changed_config=True to resume with the new settings")
+    logging.warning("resuming step %d with a changed config: %s", step, listed)
 
 
 def abstract_batch(batch_size: int, seq_len: int, batch_sharding: NamedSharding) -> dict:
@@ -146,9 +210,8 @@ class StepReporter:
             if self.nan_policy == "stop":
                 raise NonFiniteLossError(
                     f"loss {values['loss']} / grad norm {values['grad_norm']} at step {step} is not "
-                    f"finite; the update was not applied. The last checkpoint is step "
-                    f"{self.ckpt.latest_step()} in {self.ckpt.directory}. Lower train.learning_rate, "
-                    "or set train.nan_policy='skip' to skip such updates")
+                    f"finite; the update was not applied. {self._last_checkpoint()} Lower "
+                    "train.learning_rate, or set train.nan_policy='skip' to skip such updates")
             logging.warning("step %d: non-finite loss %s, update skipped", step, values["loss"])
         self.last_loss = values["loss"]
         if self.writer is None or step % self.log_every:
@@ -159,6 +222,12 @@ class StepReporter:
             "learning_rate": values["learning_rate"], "tokens_per_sec": tokens_per_sec,
             "step_time": step_time, "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
             "tokens_seen": step * self.tokens_per_step})
+
+    def _last_checkpoint(self) -> str:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return "No checkpoint has been saved yet."
+        return f"The last checkpoint is step {step} in {self.ckpt.directory}."
 
 
 class PreemptionSignal:
@@ -201,5 +270,6 @@ def check_batch_divisible(batch_size: int, accum_steps: int, batch_sharding: Nam
 
 def describe_restore(ckpt: Checkpointer) -> str:
     latest = ckpt.latest_step()
-    return f"resuming from step {latest}" if latest is not None else "starting from scratch"
+    return (f"resuming from the newest checkpoint that verifies (latest: step {latest})"
+            if latest is not None else "starting from scratch")
 

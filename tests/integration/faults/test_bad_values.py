@@ -18,7 +18,7 @@ CASES = {
     "train.steps=-5": "error: train.steps=-5: expected an integer >= 1",
     "train.seq_len=0": "error: train.seq_len=0: expected an integer >= 1",
     "LlamaConfig.num_kv_heads=0": "error: LlamaConfig.num_kv_heads=0: expected an integer >= 1",
-    "train.learning_rate='nan'": "error: train.learning_rate='nan': expected a finite number > 0",
+    "train.learning_rate='nan'": "error: train.learning_rate='nan': expected a finite number >= 0",
     "build_optimizer.schedule=@constant": "'constant' is ambiguous: it names "
                                           "llamahome.train.optim.constant and gin.constant",
 }

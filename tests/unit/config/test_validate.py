@@ -45,7 +45,7 @@ def bind(*gin_params: str, gin_files=(RECIPE,)) -> None:
     ("train.steps=-5", "train.steps=-5: expected an integer >= 1"),
     ("train.seq_len=0", "train.seq_len=0: expected an integer >= 1"),
     ("LlamaConfig.num_kv_heads=0", "LlamaConfig.num_kv_heads=0: expected an integer >= 1"),
-    ("train.learning_rate='nan'", "train.learning_rate='nan': expected a finite number > 0"),
+    ("train.learning_rate='nan'", "train.learning_rate='nan': expected a finite number >= 0"),
     ("build_optimizer.schedule = @constant",
      "'constant' is ambiguous: it names llamahome.train.optim.constant and gin.constant; write "
      "the full name or the shortest unambiguous one: optim.constant or gin.constant"),
@@ -60,8 +60,8 @@ def test_issue_cases_exit_2_with_one_line(capsys, gin_param, message):
 @pytest.mark.parametrize("gin_params,message", [
     (["train.steps=True"], "train.steps=True: expected an integer >= 1"),
     (["train.steps=2.0"], "train.steps=2.0: expected an integer >= 1"),
-    (["train.learning_rate=1e999"], "train.learning_rate=inf: expected a finite number > 0"),
-    (["train.learning_rate=0"], "train.learning_rate=0: expected a finite number > 0"),
+    (["train.learning_rate=1e999"], "train.learning_rate=inf: expected a finite number >= 0"),
+    (["train.learning_rate=-0.1"], "train.learning_rate=-0.1: expected a finite number >= 0"),
     (["train.nan_policy='halt'"], "train.nan_policy='halt': expected one of ('stop', 'skip')"),
     (["train.eval_batches=0"], "train.eval_batches=0: expected an integer >= 1, or None"),
     (["train.init_from=3"], "train.init_from=3: expected a string, or None"),

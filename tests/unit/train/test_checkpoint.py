@@ -1,4 +1,10 @@
-"""Checkpoint round trip with the Grain iterator and data shards, restore onto another mesh, retention on disk."""
+"""Checkpoint round trip with the Grain iterator and data shards, restore onto another mesh, retention on
+disk, checksum manifests, failed saves and config diffs."""
+
+import errno
+import hashlib
+import json
+import os
 
 import gin
 import grain
@@ -14,7 +20,9 @@ from llamahome.parallel import sharding
 from llamahome.parallel.data_shards import ShardedIterator
 from llamahome.parallel.mesh import build_mesh
 from llamahome.parallel.rules import axis_rules
-from llamahome.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from llamahome.train import checkpoint
+from llamahome.train.checkpoint import (MANIFEST, NO_MANIFEST, CheckpointConfig, Checkpointer, abstract_like,
+                                        config_changes)
 from llamahome.train.state import init_train_state
 
 SPECS = {"w": P("embed", "mlp"), "norm": P("norm")}
@@ -108,3 +116,85 @@ def test_data_shard_states_restore_per_shard_and_name_a_shard_count_mismatch(tmp
     assert {k: [next(it) for _ in range(4)] for k, it in fresh.iterators.items()} == expected
     with pytest.raises(CheckpointError, match="Set train.data_shards to the K"):
         Checkpointer(tmp_path, CheckpointConfig()).restore(3, state, shards(1))
+
+
+def corrupt_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_each_step_is_sealed_and_verify_names_the_damaged_file(tmp_path, eight_devices):
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=True))
+    ckpt.save(1, state)
+    ckpt.close()  # waits for the background write, then seals
+    assert ckpt.verify(1) is None
+    files = json.loads((tmp_path / "1" / MANIFEST).read_text())["files"]
+    assert "state/_METADATA" in files
+    for name, expected in files.items():  # an independent re-derivation of each checksum
+        assert hashlib.sha256((tmp_path / "1" / name).read_bytes()).hexdigest() == expected["sha256"]
+
+    corrupt_one_byte(tmp_path / "1" / "state" / "_METADATA")
+    assert ckpt.verify(1) == "state/_METADATA does not match its sha256 checksum (garbled)"
+    (tmp_path / "1" / "state" / "_METADATA").write_text("")
+    assert ckpt.verify(1).startswith("state/_METADATA is 0 bytes")
+    (tmp_path / "1" / MANIFEST).unlink()
+    assert ckpt.verify(1) == NO_MANIFEST
+
+
+def test_retention_keeps_the_newest_sealed_step(tmp_path, eight_devices):
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last_n=1, save_best=False, async_save=True))
+    ckpt.save(1, state)
+    ckpt.wait()
+    (tmp_path / "1" / MANIFEST).unlink()  # as if the run had died before sealing step 1
+    ckpt.save(2, state)
+    ckpt.wait()
+    ckpt.save(3, state)  # step 2 is the newest sealed until step 3 is sealed
+    ckpt.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
+
+
+def test_a_failed_save_is_one_error_naming_step_cause_and_the_newest_good_step(tmp_path, eight_devices,
+                                                                               monkeypatch):
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=True))
+    ckpt.save(1, state)
+    ckpt.wait()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
+    ckpt.save(2, state)
+    with pytest.raises(CheckpointError) as raised:
+        ckpt.wait()
+    assert str(raised.value).startswith("saving checkpoint step 2 failed: No space left on device "
+                                        "[Errno 28]; the newest good checkpoint is step 1 in ")
+    ckpt.close()  # the failure is reported once, not again on close
+    assert ckpt.verify(1) is None
+
+
+def test_config_changes_name_bindings_old_and_new_and_ignore_run_length_and_redaction():
+    saved = ("train.learning_rate = 0.003\ntrain.steps = 20\nCheckpointConfig.save_steps = 10\n"
+             "HF_TOKEN = '<redacted>'\nTextFiles.paths = [\n    'a',\n    'b']\n"
+             "scope/train.seed = 0\n")
+    current = ("train.learning_rate = 0.001\ntrain.steps = 40\nCheckpointConfig.save_steps = 5\n"
+               "HF_TOKEN = 'hf_abcdefghijkl'\nTextFiles.paths = ['a', 'c']\nz_loss = 1\n")
+    assert config_changes(saved, current) == [
+        "TextFiles.paths: ['a', 'b'] -> ['a', 'c']", "scope/train.seed: 0 -> <unset>",
+        "train.learning_rate: 0.003 -> 0.001", "z_loss: <unset> -> 1"]
+    assert config_changes(saved, saved) == []
+
+
+def test_a_garbled_data_iterator_state_names_the_file(tmp_path, eight_devices):
+    state, _ = make_state(build_mesh(devices=eight_devices), "fsdp")
+    data_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    ckpt.save(1, state, data_iter)
+    ckpt.close()
+    (tmp_path / "1" / "data_iter" / "shard_0-of-1.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"1/data_iter/shard_0-of-1.json is corrupt: not valid JSON"):
+        Checkpointer(tmp_path, CheckpointConfig()).restore(1, state, iter(grain.MapDataset.range(10)
+                                                                        .to_iter_dataset()))
