@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import logging
 
 from llamahome.cache import CacheManager
-from llamahome.data.pipeline import cache_name_for, data_pipeline
+from llamahome.data.pipeline import cache_name_for, data_pipeline, resolved_options
 from llamahome.data.sources import Skipped
 from llamahome.data.token_cache import TokenCache, build_token_cache
 from llamahome.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -30,7 +30,8 @@ def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = N
             continue
         name = cache_name_for(sources, config.cache_name if split == "train" else None)
         start = time.perf_counter()
-        path = build_token_cache(sources, tokenizer, manager, name=name, options=config.options,
+        path = build_token_cache(sources, tokenizer, manager, name=name,
+                                 options=resolved_options(config.options, tokenizer),
                                  num_workers=workers, rebuild=rebuild,
                                  progress=lambda done, total: logging.info("shards %d/%d", done, total))
         seconds = time.perf_counter() - start
@@ -65,4 +66,5 @@ def train_tokenizer(run_dir: str, sources: Sequence | None = None, vocab_size: i
     out = Path(output).expanduser() if output else Path(run_dir) / "tokenizer"
     train_bpe_tokenizer(source_texts(sources or data_pipeline().sources), out, vocab_size,
                         min_frequency, special_tokens)
+    logging.info("tokenizer written to %s", out)
     return str(out)

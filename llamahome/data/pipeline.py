@@ -45,7 +45,7 @@ from llamahome.data.token_cache import (
     TokenCache,
     build_token_cache,
 )
-from llamahome.data.tokenizer import Tokenizer, load_tokenizer
+from llamahome.data.tokenizer import Tokenizer, document_bos, load_tokenizer
 from llamahome.errors import ConfigError
 
 SPLITS = ("train", "validation")
@@ -74,10 +74,17 @@ def data_pipeline(sources: Sequence = gin.REQUIRED, validation_sources: Sequence
                   validation_fraction: float = 0.05, split_seed: int = 0,
                   packing: str = "concat_split", window_rows: int = 64,
                   augmenters: Sequence = (), cache_name: str | None = None,
-                  add_bos: bool = True, add_eos: bool = True, build_workers: int = 0,
+                  add_bos: bool | None = None, add_eos: bool = True, build_workers: int = 0,
                   read_workers: int = 0, read_prefetch: int = 500,
                   max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> PipelineConfig:
-    """The data set as bound in gin ([data] in TOML)."""
+    """The data set as bound in gin ([data] in TOML).
+
+    Each document is cached as [BOS] + text + [EOS]. BOS follows the tokenizer's own rule
+    (`add_bos=None`: its add_bos_token or post-processor, as `transformers` encodes text);
+    EOS is appended by default (`add_eos=True`) whatever the tokenizer says, because packed
+    pretraining documents need a boundary token for the model to learn to end (as HF's
+    run_clm-style pipelines append it). Both are bindable and logged when the cache is opened.
+    """
     packer(packing)
     if not 0 <= validation_fraction < 1:
         raise ConfigError(f"data_pipeline.validation_fraction={validation_fraction}; use [0, 1)")
@@ -96,10 +103,17 @@ def cache_name_for(sources: Sequence, given: str | None) -> str:
     return given or "data-" + hashlib.sha256(repr(tuple(sources)).encode()).hexdigest()[:12]
 
 
+def resolved_options(options: CacheOptions, tokenizer: Tokenizer) -> CacheOptions:
+    """`options` with add_bos=None (the tokenizer's rule) resolved, so the fingerprint holds it."""
+    return dataclasses.replace(options, add_bos=document_bos(tokenizer, options.add_bos,
+                                                             options.add_eos))
+
+
 def open_cache(sources: Sequence, config: PipelineConfig, tokenizer: Tokenizer,
                manager: CacheManager, name: str, rebuild: bool = False) -> TokenCache:
     """Builds the cache of `sources` if missing, pins it for this process, and opens it."""
-    path = build_token_cache(sources, tokenizer, manager, name=name, options=config.options,
+    path = build_token_cache(sources, tokenizer, manager, name=name,
+                             options=resolved_options(config.options, tokenizer),
                              num_workers=config.build_workers, rebuild=rebuild)
     manager.pin(NAMESPACE, path.name)
     return TokenCache(path, manager, vocab_size=tokenizer.vocab_size)

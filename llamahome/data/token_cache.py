@@ -51,7 +51,7 @@ DEFAULT_MAX_RECORD_CHARS = 1 << 20
 class CacheOptions:
     """What turns documents into tokens (part of the fingerprint)."""
 
-    add_bos: bool = True
+    add_bos: bool | None = True  # None: the tokenizer's rule (resolved by pipeline.open_cache)
     add_eos: bool = True
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS  # the most characters tokenized in one call
 

@@ -5,10 +5,12 @@
         print(piece, end="", flush=True)
     completions = gen.generate(["Hello", [{"role": "user", "content": "Hi"}]], max_new_tokens=32)
 
-A prompt is a string (encoded with BOS) or a list of chat messages [{"role", "content"}]
-(encoded with the tokenizer's chat template, followed by an empty assistant turn's header so
-the model writes the reply). Generation stops at the tokenizer's EOS (and Llama 3's
-<|eot_id|> / <|end_of_text|> when the vocabulary has them) or after max_new_tokens.
+A prompt is a string (encoded by the tokenizer's own BOS/EOS rule, as `transformers` encodes
+it, unless `add_bos` forces BOS on or off) or a list of chat messages [{"role", "content"}]
+(rendered with the model's chat template and its assistant header, as `apply_chat_template(...,
+add_generation_prompt=True)`). Generation stops at any of the tokenizer's stop ids (the
+generation_config.json `eos_token_id` list, see data/tokenizer.py), at a user stop string (the
+text is cut before it), or after max_new_tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
+from absl import logging
+
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, tokenizer_from_spec
 from llamahome.errors import UserError
 from llamahome.infer.checkpoints import LoadedModel, load_model
@@ -28,7 +32,6 @@ from llamahome.model.config import LlamaConfig
 from llamahome.parallel.rules import Rules
 
 Prompt = str | Sequence[dict]
-EXTRA_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +45,16 @@ class Completion:
 
 
 def stop_ids_of(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """EOS plus the end-of-turn tokens the vocabulary has."""
-    extra = (tokenizer.token_id(t) for t in EXTRA_STOP_TOKENS)
-    return tuple(dict.fromkeys([tokenizer.eos_id, *(i for i in extra if i is not None)]))
+    """The ids generation stops at: the model's generation_config eos ids, else EOS and end-of-turn."""
+    return tokenizer.stop_ids
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a text prompt (with BOS), or of chat messages plus the assistant header."""
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, add_bos: bool | None = None) -> list[int]:
+    """Token ids of a text prompt (BOS by the tokenizer's rule unless `add_bos` says), or of
+    chat messages rendered with the model's template plus the assistant header."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_bos=True)
-    # The template closes every turn; an empty assistant turn minus its closing token is
-    # exactly the header the reply follows, in whichever layout the tokenizer uses.
-    ids, _ = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": ""}])
-    return ids[:-1]
+        return tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+    return tokenizer.chat_prompt(prompt)
 
 
 class TextStream:
@@ -67,31 +67,53 @@ class TextStream:
 
     CONTEXT = 4
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop_ids: Sequence[int]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop_ids: Sequence[int],
+                 stop_strings: Sequence[str] = ()):
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_string: str | None = None
         self.context = list(prompt_ids[-self.CONTEXT:])
         self.context_text = tokenizer.decode(self.context)
         self.ids: list[int] = []  # generated ids, without the stop id
         self.stop_id: int | None = None
         self.emitted = ""
 
-    def text(self) -> str:
+    @property
+    def stopped(self) -> bool:
+        return self.stop_id is not None or self.stop_string is not None
+
+    def _decoded(self) -> str:
         full = self.tokenizer.decode(self.context + self.ids)
         if full.startswith(self.context_text):
             return full[len(self.context_text):]
         return self.tokenizer.decode(self.ids)
 
+    def text(self) -> str:
+        """The completion so far, cut before the first stop string."""
+        text = self._decoded()
+        cuts = [i for s in self.stop_strings if (i := text.find(s)) >= 0]
+        return text[:min(cuts)] if cuts else text
+
+    def _held(self, text: str) -> int:
+        """How many trailing characters could begin a stop string (not shown yet)."""
+        return max((n for s in self.stop_strings for n in range(len(s) - 1, 0, -1)
+                    if text.endswith(s[:n])), default=0)
+
     def push(self, ids: Sequence[int]) -> str:
         """Adds new ids; returns the text they complete ("" if none yet)."""
         for token in ids:
-            if self.stop_id is not None:
+            if self.stopped:
                 break
             if token in self.stop_ids:
                 self.stop_id = int(token)
             else:
                 self.ids.append(int(token))
+                if self.stop_strings and len(self.text()) < len(self._decoded()):
+                    self.stop_string = next(s for s in self.stop_strings if s in self._decoded())
         text = self.text()
-        if (text.endswith("\ufffd") and self.stop_id is None) or not text.startswith(self.emitted):
+        if not self.stopped:
+            text = text[:len(text) - self._held(text)]
+        if (text.endswith("\ufffd") and not self.stopped) or not text.startswith(self.emitted):
             return ""  # half a character, or decoding changed earlier text: wait
         piece, self.emitted = text[len(self.emitted):], text
         return piece
@@ -100,7 +122,7 @@ class TextStream:
         stopped = self.stop_id is not None
         return Completion(text=self.text(),
                           token_ids=self.ids + ([self.stop_id] if stopped else []),
-                          finish_reason="stop" if stopped else "length",
+                          finish_reason="stop" if self.stopped else "length",
                           prompt_tokens=prompt_tokens)
 
 
@@ -110,8 +132,9 @@ class BatchStream:
     def __init__(self, generator: Generator, prompts: Sequence[Prompt], max_new_tokens: int,
                  sampler: SamplerConfig, seed: int, chunk: int):
         tokenizer = generator.tokenizer
-        self._encoded = [encode_prompt(tokenizer, p) for p in prompts]
-        self._texts = [TextStream(tokenizer, ids, generator.stop_ids) for ids in self._encoded]
+        self._encoded = [encode_prompt(tokenizer, p, generator.add_bos) for p in prompts]
+        self._texts = [TextStream(tokenizer, ids, generator.stop_ids, generator.stop_strings)
+                       for ids in self._encoded]
         self._ids = stream_generate(
             generator.params, generator.config, self._encoded, max_new_tokens=max_new_tokens,
             sampler=sampler, seed=seed, chunk=chunk, stop_ids=generator.stop_ids,
@@ -120,6 +143,8 @@ class BatchStream:
     def __iter__(self) -> Iterator[list[str]]:
         for new in self._ids:  # [B, k]
             yield [text.push(row) for text, row in zip(self._texts, new.tolist())]
+            if all(text.stopped for text in self._texts):
+                break  # every row hit a stop id or stop string: decode no further
 
     @property
     def completions(self) -> list[Completion]:
@@ -130,13 +155,21 @@ class Generator:
     """A model, its params and tokenizer, ready to generate (see the module docstring)."""
 
     def __init__(self, config: LlamaConfig, params: dict, tokenizer: Tokenizer, *,
-                 mesh: Mesh | None = None, rules: Rules | None = None):
+                 mesh: Mesh | None = None, rules: Rules | None = None,
+                 add_bos: bool | None = None, stop_strings: Sequence[str] = ()):
         if tokenizer.vocab_size > config.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model "
                             f"{config.name!r} only {config.vocab_size}; use the model's tokenizer")
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.mesh, self.rules = mesh, rules
+        self.add_bos, self.stop_strings = add_bos, tuple(stop_strings)
         self.stop_ids = stop_ids_of(tokenizer)
+        bos = tokenizer.adds()[0] if add_bos is None else add_bos
+        logging.info("text prompts are encoded %s BOS (%s); chat prompts with the model's chat "
+                     "template; generation stops at ids %s%s", "with" if bos else "without",
+                     "the tokenizer's rule" if add_bos is None else "generate.add_bos",
+                     list(self.stop_ids),
+                     f" and strings {list(self.stop_strings)}" if self.stop_strings else "")
 
     def stream_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 128,
                      sampler: SamplerConfig = SamplerConfig(), seed: int = 0, chunk: int = 4
@@ -179,11 +212,13 @@ def load_generator(checkpoint_path: str | Path, tokenizer_path: str | Path | Non
 
 
 def generator_for(model: LoadedModel, tokenizer_path: str | Path | None = None, *,
-                  mesh: Mesh | None = None, rules: Rules | None = None) -> Generator:
+                  mesh: Mesh | None = None, rules: Rules | None = None,
+                  add_bos: bool | None = None, stop_strings: Sequence[str] = ()) -> Generator:
     """A Generator for an already loaded model."""
     spec = TokenizerSpec(str(tokenizer_path)) if tokenizer_path else model.tokenizer
     if spec is None:
         raise UserError(f"no tokenizer found for {model.path}; pass tokenizer_path "
                         "(generate.tokenizer = '...') pointing at a tokenizer.json or .model")
     tokenizer = tokenizer_from_spec(spec)
-    return Generator(model.config, model.params, tokenizer, mesh=mesh, rules=rules)
+    return Generator(model.config, model.params, tokenizer, mesh=mesh, rules=rules,
+                     add_bos=add_bos, stop_strings=stop_strings)

@@ -6,9 +6,9 @@ streams the completions to the console and writes <run_dir>/generations.jsonl, o
 prompt: {"index", "prompt" | "messages", "completion", "token_ids", "prompt_tokens",
 "finish_reason", "seed"}.
 
-    python -m llamahome.launch --gin_file=gin/data/<set>.gin --gin_file=gin/jobs/evaluate.gin \\
-        --gin_param="evaluate.checkpoint='runs/<run>'"
-writes {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "batches"} to
+    python -m llamahome.launch --gin_file=gin/jobs/evaluate.gin --gin_param="evaluate.checkpoint='runs/<run>'"
+evaluates on the held-out split of the data the run trained on, with the run's tokenizer (add
+--gin_file=gin/data/<set>.gin for another data set), and writes {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "batches"} to
 <run_dir>/eval_results.json and an eval line to <run_dir>/metrics.jsonl.
 
 `checkpoint` is a training run dir (latest step, or `step`), a step dir, an import_hf output,
@@ -29,12 +29,14 @@ import gin
 from absl import logging
 
 from llamahome.cache import CacheManager
+from llamahome.config.gin_text import gin_bindings
 from llamahome.data.pipeline import make_data_iterator
-from llamahome.data.tokenizer import load_tokenizer
-from llamahome.errors import DataError
+from llamahome.data import corpora  # noqa: F401  (registers the configurables runs' data bind)
+from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer, tokenizer_from_spec
+from llamahome.errors import ConfigError, DataError
 from llamahome.hub.registry import resolve_model_path
 from llamahome.infer import evaluate as evaluate_lib
-from llamahome.infer.checkpoints import describe, load_model
+from llamahome.infer.checkpoints import LoadedModel, describe, load_model
 from llamahome.infer.generator import Completion, Generator, Prompt, generator_for
 from llamahome.infer.samplers import SamplerConfig
 from llamahome.jobs import job
@@ -46,6 +48,7 @@ from llamahome.parallel.rules import axis_rules
 
 GENERATIONS_FILE = "generations.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"
+DEFAULT_SEQ_LEN = 256
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -110,8 +113,13 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
              tokenizer: str | None = None, prompts: Sequence[str] = (),
              prompts_file: str | None = None, chat: bool = False, system: str | None = None,
              max_new_tokens: int = 128, sampler: SamplerConfig | None = None, seed: int = 0,
-             batch_size: int = 8, stream: bool = True, dtype: str | None = None) -> list[dict]:
-    """Completes `prompts` (and those in `prompts_file`) with a checkpoint; see the module doc."""
+             batch_size: int = 8, stream: bool = True, dtype: str | None = None,
+             add_bos: bool | None = None, stop: Sequence[str] = ()) -> list[dict]:
+    """Completes `prompts` (and those in `prompts_file`) with a checkpoint; see the module doc.
+
+    Text prompts get BOS by the tokenizer's own rule unless `add_bos` says; generation also
+    stops at any string in `stop` (cut from the completion).
+    """
     all_prompts: list[Prompt] = list(prompts)
     if prompts_file:
         all_prompts += read_prompts(prompts_file)
@@ -125,7 +133,8 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     model = load_model(resolve_model_path(checkpoint, run_dir), step=step, config=LlamaConfig(),
                        mesh=mesh, rules=rules, **overrides)
     logging.info("generating with %s", describe(model))
-    generator = generator_for(model, tokenizer, mesh=mesh, rules=rules)
+    generator = generator_for(model, tokenizer, mesh=mesh, rules=rules, add_bos=add_bos,
+                              stop_strings=stop)
     echo = stream and distributed.is_coordinator()
 
     records, start = [], time.perf_counter()
@@ -151,24 +160,96 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     return records
 
 
+def _statements(text: str) -> list[tuple[str, str]]:
+    """(name, text) of each binding in a gin config written by gin.config_str()."""
+    statements: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith(("#", "import ", "include ")):
+            continue
+        if line[0].isspace() and statements:  # a value continued on the next lines
+            name, body = statements[-1]
+            statements[-1] = (name, f"{body}\n{line}")
+        elif "=" in line:
+            statements.append((line.split("=", 1)[0].strip(), line))
+    return statements
+
+
+def _is_data_binding(name: str) -> bool:
+    """A macro, or a binding of a configurable from llamahome.data other than the tokenizer."""
+    if "." not in name:
+        return True
+    selector = name.rpartition("/")[2].rsplit(".", 1)[0]
+    match = gin.config._REGISTRY.get_match(selector)
+    module = getattr(match.wrapped, "__module__", "") if match else ""
+    return module.startswith("llamahome.data.") and selector != "load_tokenizer"
+
+
+def _data_bound() -> bool:
+    try:
+        gin.query_parameter("data_pipeline.sources")
+        return True
+    except ValueError:
+        return False
+
+
+def use_run_data(model: LoadedModel) -> str:
+    """Binds the data set the model was trained on, unless one is bound; says which it is."""
+    if _data_bound():
+        return "the data set bound for this job"
+    if not model.gin_config:
+        raise ConfigError(f"{model.path} is not a training run, so it names no data set; pick one "
+                          "with --gin_file=gin/data/<set>.gin (e.g. gin/data/shakespeare.gin)")
+    kept = [body for name, body in _statements(model.gin_config)
+            if _is_data_binding(name) and "<redacted>" not in body]
+    with gin.unlock_config():
+        gin.parse_config("\n".join(kept))
+    return f"the data set of the run ({model.path.parent.parent})"
+
+
+def eval_tokenizer(model: LoadedModel, path: str | None) -> Tokenizer:
+    """`path` if given, else the model's own tokenizer, else the one bound in gin."""
+    if path:
+        return tokenizer_from_spec(TokenizerSpec(str(path)))
+    if model.tokenizer is not None:
+        return tokenizer_from_spec(model.tokenizer)
+    try:
+        return load_tokenizer()
+    except RuntimeError:  # gin: load_tokenizer.path unbound
+        raise ConfigError(f"no tokenizer found for {model.path}; set evaluate.tokenizer='...' to "
+                          "a tokenizer.json, a SentencePiece .model or a folder holding one") from None
+
+
 @job
 def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None = None,
-             split: str = "validation", batch_size: int = 8, seq_len: int = 256,
+             split: str = "validation", batch_size: int = 8, seq_len: int | None = None,
              max_batches: int | None = None, seed: int = 0, bits_per_byte: bool = True,
-             dtype: str | None = None) -> dict:
-    """Mean loss, perplexity and bits per byte of a checkpoint over a data split."""
+             dtype: str | None = None, tokenizer: str | None = None) -> dict:
+    """Mean loss, perplexity and bits per byte of a checkpoint over a data split.
+
+    The data set is the one bound (a gin/data/<set>.gin), else the one the run was trained on;
+    the tokenizer is `tokenizer`, else the model's own (its run's copy or its files);
+    `seq_len` defaults to the run's train.seq_len (else 256).
+    """
     mesh, rules = build_mesh(), axis_rules()
     overrides = {"dtype": dtype} if dtype else {}
     model = load_model(resolve_model_path(checkpoint, run_dir), step=step, config=LlamaConfig(),
                        mesh=mesh, rules=rules, **overrides)
-    logging.info("evaluating %s on split %r", describe(model), split)
+    data = use_run_data(model)
+    trained = gin_bindings(model.gin_config, "train").get("seq_len") if model.gin_config else None
+    seq_len = seq_len or (trained if isinstance(trained, int) else DEFAULT_SEQ_LEN)
+    text_tokenizer = eval_tokenizer(model, tokenizer)
+    logging.info("evaluating %s on split %r of %s", describe(model), split, data)
     batches = make_data_iterator(split, global_batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                 cache_manager=CacheManager())
+                                 tokenizer=text_tokenizer, cache_manager=CacheManager())
     result = evaluate_lib.evaluate_params(
         model.params, model.config, batches, mesh=mesh, rules=rules,
-        tokenizer=load_tokenizer() if bits_per_byte else None, max_batches=max_batches)
-    logging.info("loss %.4f, perplexity %.3f, bits per byte %s over %d tokens", result.loss,
-                 result.perplexity, result.bits_per_byte, result.tokens)
+        tokenizer=text_tokenizer if bits_per_byte else None, max_batches=max_batches)
+    extent = (f"its first {result.batches} batches" if result.batches == max_batches
+              else f"all {result.batches} batches")
+    logging.info("loss %.4f, perplexity %.2f, bits per byte %s over %d tokens (split %r, %s of "
+                 "%d x %d)", result.loss, result.perplexity,
+                 "n/a" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}",
+                 result.tokens, split, extent, batch_size, seq_len)
     if distributed.is_coordinator():
         out = Path(run_dir)
         out.mkdir(parents=True, exist_ok=True)
