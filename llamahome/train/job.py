@@ -100,7 +100,7 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     abstract_state, shardings = loop.state_shardings(param_shapes(config), param_specs, optimizer,
                                                      mesh, rules)
 
-    logging.info("%s: %s, %d params, mesh %s", run_dir, loop.describe_restore(ckpt),
+    logging.info("%s: %s, %d params, mesh %s", run_dir, loop.describe_restore(ckpt, init_from),
                  config.num_params(), dict(mesh.shape))
     state = loop.restore_or_init(ckpt, abstract_state, shardings, train_iter,
                                  init_params=lambda key: init_params(config, key),

@@ -268,8 +268,11 @@ def check_batch_divisible(batch_size: int, accum_steps: int, batch_sharding: Nam
                         "change the batch size, the accumulation steps or the mesh")
 
 
-def describe_restore(ckpt: Checkpointer) -> str:
+def describe_restore(ckpt: Checkpointer, init_from: str | None = None) -> str:
+    """How the run starts, for its first log line: resuming, loading `init_from`, or from scratch."""
     latest = ckpt.latest_step()
-    return (f"resuming from the newest checkpoint that verifies (latest: step {latest})"
-            if latest is not None else "starting from scratch")
-
+    if latest is not None:
+        return f"resuming from the newest checkpoint that verifies (latest: step {latest})"
+    if init_from:
+        return f"starting from the weights of {init_from} (fresh optimizer state)"
+    return "starting from scratch (random weights)"

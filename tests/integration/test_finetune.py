@@ -44,6 +44,8 @@ def test_train_init_from_a_registered_hf_model(tmp_path):
              "train.eval_every=0")]],
         env={"XLA_FLAGS": "", "LLAMAHOME_MODELS_DIR": str(models_dir)}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting from the weights of model:base" in result.stderr
+    assert "from scratch" not in result.stderr
 
     assert list(Registry(models_dir).get("base").runs) == [str(run_dir)]
     loaded = load_model(run_dir)
