@@ -43,13 +43,15 @@ from llamahome.errors import UserError
 from llamahome.infer.samplers import SamplerConfig, Settings, sample, sampler_settings
 from llamahome.model.config import LlamaConfig
 from llamahome.model.kv_cache import KVCache, init_cache, left_padded_positions
-from llamahome.model.llama import Llama
+from llamahome.model.llama import Llama, unstack_layers
 from llamahome.parallel.rules import Rules
 
-# Logical axes of the cache: batch and kv_heads are sharded like the model's activations.
-CACHE_AXES = KVCache(k=PartitionSpec(None, "batch", None, "kv_heads", None),
-                     v=PartitionSpec(None, "batch", None, "kv_heads", None),
-                     segment_ids=PartitionSpec("batch", None), index=PartitionSpec())
+
+def _cache_axes(config: LlamaConfig) -> KVCache:
+    """Logical axes of the cache: batch and kv_heads are sharded like the model's activations."""
+    layer = PartitionSpec("batch", None, "kv_heads", None)
+    return KVCache(k=(layer,) * config.num_layers, v=(layer,) * config.num_layers,
+                   segment_ids=PartitionSpec("batch", None), index=PartitionSpec())
 
 
 @flax.struct.dataclass
@@ -110,7 +112,7 @@ def _apply(static: _Static, params, tokens, positions, segment_ids, cache):
     with nn.logical_axis_rules(static.rules):
         logits, cache = Llama(static.config).apply({"params": params}, tokens, positions,
                                                    segment_ids, cache=cache)
-    return logits, _constrain(cache, CACHE_AXES, static.rules)
+    return logits, _constrain(cache, _cache_axes(static.config), static.rules)
 
 
 @functools.partial(jax.jit, static_argnames="static")
@@ -121,7 +123,8 @@ def prefill(params, tokens: jax.Array, segment_ids: jax.Array, active: jax.Array
     Rows with `active` [B] False (batch padding) start done, so they never hold up the loop.
     """
     batch, width = tokens.shape
-    cache = _constrain(init_cache(static.config, batch, static.max_len), CACHE_AXES, static.rules)
+    cache = _constrain(init_cache(static.config, batch, static.max_len),
+                       _cache_axes(static.config), static.rules)
     positions = left_padded_positions(segment_ids)
     logits, cache = _apply(static, params, tokens, positions, segment_ids, cache)
     last_logits = logits[:, -1].astype(jnp.float32)  # [B, V]: every row's prompt ends at T-1
@@ -151,7 +154,13 @@ def _mark(seen: jax.Array, token: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames="static", donate_argnums=1)
 def decode(params, state: DecodeState, limit: jax.Array, settings: Settings, *,
            static: _Static) -> DecodeState:
-    """Generates tokens until step `limit` (<= capacity) or until every row is done."""
+    """Generates tokens until step `limit` (<= capacity) or until every row is done.
+
+    Give `params` in `unstack_layers`' layout (as `generate` does): stacked ones are split here,
+    once per call, rather than every layer being sliced (copied) at every token.
+    """
+    if not isinstance(params["layers"], tuple):
+        params = unstack_layers(params)
     batch = state.last.shape[0]
     ones = jnp.ones((batch, 1), jnp.int32)
 
@@ -174,6 +183,9 @@ def decode(params, state: DecodeState, limit: jax.Array, settings: Settings, *,
             seen=None if s.seen is None else _mark(s.seen, token), logits=kept)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+_unstack_layers = jax.jit(unstack_layers)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
@@ -224,14 +236,16 @@ class _Run:
                               capacity=capacity, stop_ids=tuple(stop_ids),
                               pad_id=pad_id, keep_logits=keep_logits,
                               rules=None if mesh is None else tuple(rules))
-        self.params, self.mesh = params, mesh
+        self.mesh = mesh
         self.settings = sampler_settings(sampler)
         self.max_new_tokens = max_new_tokens
         if mesh is not None:
             row_sharding = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None), rules))
             tokens, segment_ids = (jax.device_put(x, row_sharding) for x in (tokens, segment_ids))
         with self._mesh():
-            self.state = prefill(params, tokens, segment_ids, active, jax.random.key(seed),
+            # One copy of the layers' weights per generation, read in place at every token.
+            self.params = _unstack_layers(params)
+            self.state = prefill(self.params, tokens, segment_ids, active, jax.random.key(seed),
                                  self.settings, static=self.static)
         self.produced = 1
         self.finished = bool(jax.device_get(self.state.done).all()) or \

@@ -4,7 +4,8 @@
     logits, cache = model.apply({"params": p}, tokens, positions, segment_ids, cache=cache)
 
 Shapes (a pytree, so it passes through `jax.jit` and can be donated):
-    k, v         [layers, batch, max_len, kv_heads, head_dim]  compute dtype, keys already rotated
+    k, v         one [batch, max_len, kv_heads, head_dim] array per layer (a tuple), in the
+                 compute dtype, keys already rotated
     segment_ids  [batch, max_len] int32  segment id of each written slot; 0 = padding or empty
     index        [] int32                the next slot to write, shared by the whole batch
 
@@ -34,22 +35,27 @@ from llamahome.model.config import LlamaConfig
 class KVCache:
     """Keys, values and segment ids of every slot written so far, and the next slot to write."""
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    # One array per layer rather than one stacked [layers, ...] array: a donated decode loop
+    # then updates each in place, where slicing a layer out of a stacked cache and writing it
+    # back copies the whole cache at every token.
+    k: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
     segment_ids: jax.Array  # [batch, max_len] int32, 0 = padding or not yet written
     index: jax.Array  # [] int32
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.segment_ids.shape[1]
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
                dtype: jnp.dtype | None = None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
     dtype = dtype or config.compute_dtype
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    layers = range(config.num_layers)
+    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 

@@ -219,14 +219,17 @@ class Llama(nn.Module):
             mask = attention_lib.attention_mask(segment_ids, segment_ids)
             x, _ = _layer_stack(c)(x, sin, cos, mask, None, None)
         else:
-            kv_segments = jax.lax.dynamic_update_slice(
-                cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
-            mask = attention_lib.attention_mask(segment_ids, kv_segments, cache.index)
-            x, (k, v) = _layer_stack(c)(x, sin, cos, mask, cache.index, (cache.k, cache.v))
-            cache = KVCache(k=k, v=v, segment_ids=kv_segments, index=cache.index + length)
+            x, cache = self._cached_layers(x, sin, cos, segment_ids, cache)
 
         x = RMSNorm(c, name="final_norm")(x)
         if c.tie_embeddings:
+            if not return_hidden:
+                # x @ embedding^T read straight from the [vocab, embed] table: `.T` would make
+                # XLA:CPU copy the whole table at every call (every decoded token).
+                logits = jax.lax.dot_general(x, embedding.astype(c.compute_dtype),
+                                             (((2,), (1,)), ((), ())))
+                logits = _constrain(logits, "batch", "length", "vocab")
+                return logits if cache is None else (logits, cache)
             head = embedding.astype(c.compute_dtype).T
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
@@ -235,6 +238,45 @@ class Llama(nn.Module):
             return x, head
         logits = _constrain(_matmul(x, head), "batch", "length", "vocab")
         return logits if cache is None else (logits, cache)
+
+    def _cached_layers(self, x, sin, cos, segment_ids, cache: KVCache):
+        """The layers one after another, each reading and updating its own cache arrays.
+
+        Always unrolled, whatever `scan_layers` says: in a loop over layers, or with the
+        parameters still stacked, each layer's weights and cache would be sliced out of the
+        stacked arrays, and XLA:CPU copies every slice, at every decoded token.
+        """
+        c = self.config
+        kv_segments = jax.lax.dynamic_update_slice(
+            cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+        mask = attention_lib.attention_mask(segment_ids, kv_segments, cache.index)
+        if self.is_initializing():
+            raise ValueError("initialise the parameters without a cache (init_params)")
+        layers = self.variables["params"]["layers"]
+        if not isinstance(layers, (tuple, list)):  # stacked: slice once per call
+            layers = unstack_layers({"layers": layers})["layers"]
+        keys, values = [], []
+        for layer, k, v in zip(layers, cache.k, cache.v, strict=True):
+            x, (k, v) = Block(c, parent=None).apply({"params": layer}, x, sin, cos, mask,
+                                                    cache.index, (k, v))
+            keys.append(k)
+            values.append(v)
+        length = x.shape[1]
+        return x, KVCache(k=tuple(keys), v=tuple(values), segment_ids=kv_segments,
+                          index=cache.index + length)
+
+
+def unstack_layers(params: dict) -> dict:
+    """`params` with `layers` as a tuple of per-layer trees: the layout decoding reads fastest.
+
+    Llama reads either layout when given a cache; with this one each layer's weights are
+    arrays of their own, which a decode loop reads in place instead of slicing (copying) them
+    from the stacked [layers, ...] arrays at every token. Costs one copy of the layers' weights.
+    """
+    layers = params["layers"]
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers)
+                                      for i in range(num_layers))}
 
 
 def _boxed_init(config: LlamaConfig, rng: jax.Array) -> dict:
