@@ -2,12 +2,16 @@
 
     python benchmarks/compare_torch.py                    # small and medium, float32
     python benchmarks/compare_torch.py --config small --rounds 7 --block 2
+    python benchmarks/compare_torch.py --config medium --torch_autocast bf16
 
 The peer is `transformers.LlamaForCausalLM` (sdpa attention, eager, float32) trained with
 `torch.optim.AdamW` and global-norm clipping, the same update as LlamaHome's train step
-(benchmarks/train_step.py builds that). Both train on the same random tokens. After warmup
-the two alternate in timed blocks of `--block` steps for `--rounds` rounds, so a noisy
-neighbour slows both alike; each side's figure is its median step time over all its steps.
+(benchmarks/train_step.py builds that). `--torch_autocast bf16` runs the peer's forward and loss
+under `torch.autocast("cpu", dtype=torch.bfloat16)`, a PyTorch user's best CPU setting where
+the CPU has bf16 matmul units (AMX); LlamaHome stays float32. Both train on the same random
+tokens. After warmup the two alternate in timed blocks of `--block` steps for `--rounds` rounds,
+so a noisy neighbour slows both alike; each side's figure is its median step time over all its
+steps.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from llamahome import allocator
 
 if __name__ == "__main__":
-    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
@@ -35,8 +39,11 @@ from train_step import CONFIGS, build, named_config  # noqa: E402
 from llamahome.model.config import LlamaConfig  # noqa: E402
 
 
-def torch_step_fn(config: LlamaConfig, tokens: np.ndarray):
-    """A closure running one PyTorch train step on `tokens` [batch, seq + 1]."""
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
+
+
+def torch_step_fn(config: LlamaConfig, tokens: np.ndarray, autocast: str = "none"):
+    """A closure running one PyTorch train step on `tokens` [batch, seq + 1], autocast or not."""
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -52,8 +59,10 @@ def torch_step_fn(config: LlamaConfig, tokens: np.ndarray):
     targets = torch.from_numpy(tokens[:, 1:].astype(np.int64))
 
     def step() -> float:
-        logits = model(input_ids=inputs).logits  # [B, T, V]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        with torch.autocast("cpu", dtype=AUTOCAST[autocast] or torch.bfloat16,
+                            enabled=AUTOCAST[autocast] is not None):
+            logits = model(input_ids=inputs).logits  # [B, T, V]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -63,11 +72,11 @@ def torch_step_fn(config: LlamaConfig, tokens: np.ndarray):
     return step
 
 
-def compare(name: str, rounds: int, block: int, warmup: int) -> dict:
+def compare(name: str, rounds: int, block: int, warmup: int, autocast: str = "none") -> dict:
     config, seq, batch = named_config(name, "float32")
     jax_step, state, data, _ = build(config, seq, batch)
     tokens = np.concatenate([np.asarray(data["inputs"]), np.asarray(data["targets"])[:, -1:]], 1)
-    torch_step = torch_step_fn(config, tokens)
+    torch_step = torch_step_fn(config, tokens, autocast)
 
     def run_jax():
         nonlocal state
@@ -87,7 +96,7 @@ def compare(name: str, rounds: int, block: int, warmup: int) -> dict:
                 losses[side] = run()
                 times[side].append(time.perf_counter() - start)
     result = {"benchmark": "compare_torch", "allocator": allocator.name(), "config": name,
-              "dtype": "float32", "seq": seq, "batch": batch, "params": config.num_params(), "threads": torch.get_num_threads(),
+              "dtype": "float32", "torch_autocast": autocast, "seq": seq, "batch": batch, "params": config.num_params(), "threads": torch.get_num_threads(),
               "steps_each": rounds * block}
     for side, ts in times.items():
         result[f"{side}_tokens_per_sec"] = batch * seq / statistics.median(ts)
@@ -104,10 +113,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=1, help="steps per timed block")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--torch_autocast", default="none", choices=list(AUTOCAST),
+                        help="the PyTorch peer's autocast dtype (LlamaHome stays float32)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     for name in CONFIGS if args.config == "all" else [args.config]:
-        print(json.dumps(compare(name, args.rounds, args.block, args.warmup)), flush=True)
+        print(json.dumps(compare(name, args.rounds, args.block, args.warmup, args.torch_autocast)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from llamahome import allocator
 
 if __name__ == "__main__":
-    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json

@@ -14,7 +14,7 @@ from __future__ import annotations
 from llamahome import allocator
 
 if __name__ == "__main__":
-    allocator.reexec()  # tcmalloc or jemalloc when the machine has one, before JAX or torch load
+    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
@@ -99,7 +99,7 @@ def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, pr
     step_time = statistics.median(times)
     tokens_per_sec = batch * seq / step_time
     peak = (measured_matmul_flops(config.dtype, (1024, 2048, 3072), 5)
-            if jax.devices()[0].platform == "cpu" else peak_flops(config.dtype))
+            if jax.devices()[0].platform == "cpu" else peak_flops(config.dtype).flops)
     return {"step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
             "mfu": config.flops_per_token(seq) * tokens_per_sec / peak, "peak_flops": peak,
             "flops_per_token": config.flops_per_token(seq), "compile_s": compile_s,

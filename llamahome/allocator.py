@@ -1,24 +1,27 @@
-"""The host memory allocator: run under tcmalloc (or jemalloc) when the machine has one.
+"""The host memory allocator: run under mimalloc (from pip), tcmalloc or jemalloc.
 
 XLA:CPU gives each execution one block for all its temporaries (1.97 GB for the `medium`
 train step in benchmarks/). glibc serves a block that size with `mmap` and hands it back with
 `munmap` when the step ends, so every step faults every page in again: ~500,000 page faults and
-~0.8 s of system time in a 2.1 s step. tcmalloc keeps freed memory for reuse and jemalloc does
-with `oversize_threshold:0`, which makes the same step ~1.65 s (benchmarks/README.md). glibc's own
-knobs do not get there: `M_MMAP_MAX=0` needs a single arena, and then the heap fragments (RSS grew
-to 9 GB with 4 s steps).
+~0.8 s of system time in a 2.1 s step. mimalloc with `MIMALLOC_PURGE_DELAY=-1`, tcmalloc, and
+jemalloc with `oversize_threshold:0` keep freed memory for reuse, which makes the same step
+~1.65 s (benchmarks/README.md). glibc's own knobs do not get there: a block that size from a
+worker thread's arena is always mmap'd, and `M_MMAP_MAX=0` with a single arena fragments the heap
+(RSS grew to 9 GB with 4 s steps).
 
 A process's allocator is fixed when it starts (`LD_PRELOAD`), so `reexec()` runs the
 interpreter again, once, with the allocator preloaded; `python -m llamahome.launch` and the
 benchmark scripts call it before importing JAX. `LLAMAHOME_MALLOC` (environment or `.env`)
-chooses: `auto` (default: tcmalloc, else jemalloc, else glibc), `tcmalloc`, `jemalloc`, `system`
-(glibc, no re-exec), or the path of a malloc library. Debian/Ubuntu: `apt install
-libtcmalloc-minimal4`.
+chooses: `auto` (default: the first of AUTO_ORDER found), `mimalloc`, `tcmalloc`, `jemalloc`,
+`system` (glibc, no re-exec), or the path of a malloc library. mimalloc comes with
+`pip install` (the `cmeel-mimalloc` wheel, a dependency on Linux x86-64 and aarch64), so no
+system package is needed.
 """
 
 from __future__ import annotations
 
 import os
+import site
 import sys
 import sysconfig
 from collections.abc import Mapping
@@ -32,22 +35,38 @@ VAR = "LLAMAHOME_MALLOC"
 ACTIVE_VAR = "LLAMAHOME_MALLOC_ACTIVE"
 
 LIBRARIES = {
+    # The cmeel-mimalloc wheel installs libmimalloc.so* under site-packages/cmeel.prefix/lib.
+    "mimalloc": ("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
     "jemalloc": ("libjemalloc.so.2",),
 }
+# What `auto` takes, first found first: mimalloc ships with pip, so every Linux install has it.
+AUTO_ORDER = ("mimalloc", "tcmalloc", "jemalloc")
 CHOICES = ("auto", *LIBRARIES, "system")
+HOW_TO_INSTALL = {
+    "mimalloc": "pip install cmeel-mimalloc",
+    "tcmalloc": "Debian/Ubuntu: apt install libtcmalloc-minimal4",
+    "jemalloc": "Debian/Ubuntu: apt install libjemalloc2",
+}
 # Settings each library needs in its environment (a value already set by the user wins).
 LIBRARY_ENV = {
+    # mimalloc decommits freed memory after a delay; -1: never, so the step's block stays.
+    "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"},
     # tcmalloc prints a stack trace for every allocation over 1 GiB by default.
     "tcmalloc": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 42)},
     # Without oversize_threshold:0 jemalloc purges large blocks at once, like glibc.
     "jemalloc": {"MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:30000,muzzy_decay_ms:30000"},
 }
+PIP_PREFIX = Path("cmeel.prefix") / "lib"
 
 
 def search_dirs() -> list[Path]:
-    """Where shared libraries are looked for: the interpreter's prefix, then the system's."""
-    dirs = [Path(sys.prefix) / "lib", Path(sysconfig.get_config_var("LIBDIR") or "/usr/lib")]
+    """Where shared libraries are looked for: site-packages (pip), the interpreter's, the system's."""
+    site_dirs = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+    if site.ENABLE_USER_SITE:
+        site_dirs.append(site.getusersitepackages())
+    dirs = [Path(d) / PIP_PREFIX for d in site_dirs]
+    dirs += [Path(sys.prefix) / "lib", Path(sysconfig.get_config_var("LIBDIR") or "/usr/lib")]
     multiarch = sysconfig.get_config_var("MULTIARCH")
     for root in ("/usr/local/lib", "/usr/lib", "/lib", "/usr/lib64"):
         if multiarch:
@@ -57,7 +76,7 @@ def search_dirs() -> list[Path]:
 
 
 def find_library(kind: str, dirs: list[Path] | None = None) -> Path | None:
-    """The first `kind` ("tcmalloc" or "jemalloc") library file in `dirs`, or None."""
+    """The first `kind` ("mimalloc", "tcmalloc" or "jemalloc") library file in `dirs`, or None."""
     for directory in search_dirs() if dirs is None else dirs:
         for name in LIBRARIES[kind]:
             if (directory / name).is_file():
@@ -66,7 +85,7 @@ def find_library(kind: str, dirs: list[Path] | None = None) -> Path | None:
 
 
 def kind_of(library: Path) -> str:
-    """"tcmalloc", "jemalloc" or "other", from a library's file name."""
+    """"mimalloc", "tcmalloc", "jemalloc" or "other", from a library's file name."""
     return next((kind for kind in LIBRARIES if kind in library.name), "other")
 
 
@@ -88,16 +107,14 @@ def resolve(value: str, dirs: list[Path] | None = None) -> Path | None:
         raise ConfigError(f"{VAR}={value}: preloading an allocator (LD_PRELOAD) works on Linux "
                           f"only; use {VAR}=system or auto on {sys.platform}")
     if value == "auto":
-        found = find_library("tcmalloc", dirs) or find_library("jemalloc", dirs)
+        found = next(filter(None, (find_library(kind, dirs) for kind in AUTO_ORDER)), None)
         return found and found.resolve()  # the file /proc/<pid>/maps will name, not a symlink
     if value in LIBRARIES:
         found = find_library(value, dirs)
         if found is None:
             looked = ", ".join(str(d) for d in (search_dirs() if dirs is None else dirs))
             raise ConfigError(f"{VAR}={value}: no {' or '.join(LIBRARIES[value])} in {looked}; "
-                              f"install it (Debian/Ubuntu: apt install "
-                              f"{'libtcmalloc-minimal4' if value == 'tcmalloc' else 'libjemalloc2'}) "
-                              f"or set {VAR}=system")
+                              f"install it ({HOW_TO_INSTALL[value]}) or set {VAR}=system")
         return found.resolve()
     path = Path(value).expanduser()
     if "/" in value or path.suffix == ".so" or ".so." in path.name:
@@ -135,19 +152,18 @@ def active() -> str:
 
 
 def name() -> str:
-    """"tcmalloc", "jemalloc", "other" (a library path) or "system": what this process runs under."""
+    """"mimalloc", "tcmalloc", "jemalloc", "other" (a library path) or "system": this process's."""
     library = active()
     return "system" if library == "system" else kind_of(Path(library))
 
 
 def describe() -> str:
-    """One line for the run's log: the allocator in use, with a hint where glibc was the fallback."""
+    """One line for the run's log: the allocator in use."""
     library = active()
     if library != "system":
         return f"{kind_of(Path(library))} ({library})"
     if sys.platform.startswith("linux") and choice(os.environ) == "auto":
-        return ("glibc malloc; CPU train steps take up to a third less time under tcmalloc "
-                "(apt install libtcmalloc-minimal4), see README 'The host allocator'")
+        return f"glibc malloc (auto found no {', '.join(AUTO_ORDER)}; README 'The host allocator')"
     return "system malloc"
 
 

@@ -2,7 +2,7 @@
 
 The job itself is bound in gin (`launch.job = @train`); see `llamahome/cli.py` for the flags,
 the order in which settings are bound, and the run dir. Before anything else the process
-re-executes itself under tcmalloc or jemalloc when the machine has one (llamahome/allocator.py).
+re-executes itself under mimalloc (installed by pip), tcmalloc or jemalloc (llamahome/allocator.py).
 """
 
 if __name__ == "__main__":

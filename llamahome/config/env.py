@@ -13,8 +13,8 @@ Variables understood (each becomes one gin binding):
 | LLAMAHOME_RUN_DIR | launch.run_dir |
 | LLAMAHOME_GIN_PARAMS | any bindings, separated by newlines or ';' |
 
-`LLAMAHOME_MALLOC` (auto | tcmalloc | jemalloc | system | a library path) picks the host
-memory allocator before anything else starts; see llamahome/allocator.py.
+`LLAMAHOME_MALLOC` (auto | mimalloc | tcmalloc | jemalloc | system | a library path) picks
+the host memory allocator before anything else starts; see llamahome/allocator.py.
 Secrets (HF_TOKEN) are read from the environment by `llamahome.secrets`, never bound in gin.
 """
 

@@ -28,8 +28,10 @@ class MetricsWriter:
     """Appends train/eval records to metrics.jsonl and TensorBoard; shows a progress bar."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, initial_step: int = 0,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, mfu_peak: str = ""):
+        """`mfu_peak`: what MFU divides by, shown after it in the bar ('270 GFLOP/s measured')."""
         run_dir = Path(run_dir)
+        self._mfu_of = f" of {mfu_peak}" if mfu_peak else ""
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
@@ -50,7 +52,7 @@ class MetricsWriter:
         self._write(record)
         self._bar.n = step
         self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}",
-                              mfu=f"{metrics.get('mfu', float('nan')):.1%}", refresh=False)
+                              mfu=f"{metrics.get('mfu', float('nan')):.1%}{self._mfu_of}", refresh=False)
         self._bar.refresh()
 
     def eval(self, step: int, loss: float) -> None:

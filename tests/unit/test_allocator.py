@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes.util
 import json
+import platform
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,24 @@ def _libs(directory: Path, *names: str) -> Path:
     return directory
 
 
-def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc(tmp_path):
+def test_auto_prefers_mimalloc_then_tcmalloc_then_jemalloc_then_glibc(tmp_path):
+    every = _libs(tmp_path / "every", "libjemalloc.so.2", "libtcmalloc_minimal.so.4", "libmimalloc.so.3")
     both = _libs(tmp_path / "both", "libjemalloc.so.2", "libtcmalloc_minimal.so.4")
     only_je = _libs(tmp_path / "je", "libjemalloc.so.2")
     empty = _libs(tmp_path / "empty")
+    assert allocator.resolve("auto", [empty, every]) == (every / "libmimalloc.so.3").resolve()
+    # The kind decides, not the directory order: mimalloc in a later directory still wins.
+    assert allocator.resolve("auto", [both, every]) == (every / "libmimalloc.so.3").resolve()
     assert allocator.resolve("auto", [empty, both]) == (both / "libtcmalloc_minimal.so.4").resolve()
     assert allocator.resolve("auto", [only_je]) == (only_je / "libjemalloc.so.2").resolve()
     assert allocator.resolve("auto", [empty]) is None
-    assert allocator.resolve("system", [both]) is None
+    assert allocator.resolve("system", [every]) is None
+    assert allocator.resolve("tcmalloc", [every]) == (every / "libtcmalloc_minimal.so.4").resolve()
+
+
+def test_the_pip_installed_mimalloc_is_searched_first():
+    pip_dir = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib"
+    assert allocator.search_dirs()[0] == pip_dir
 
 
 def test_a_symlinked_library_resolves_to_the_file_the_process_maps(tmp_path):
@@ -45,10 +57,13 @@ def test_named_library_that_is_missing_says_how_to_install_it(tmp_path):
         allocator.resolve("tcmalloc", [tmp_path])
     with pytest.raises(ConfigError, match="libjemalloc2"):
         allocator.resolve("jemalloc", [tmp_path])
+    with pytest.raises(ConfigError, match="LLAMAHOME_MALLOC=mimalloc.*pip install cmeel-mimalloc"):
+        allocator.resolve("mimalloc", [tmp_path])
 
 
 def test_bad_values_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="'tcmaloc' is not one of auto, tcmalloc, jemalloc, system"):
+    with pytest.raises(ConfigError,
+                       match="'tcmaloc' is not one of auto, mimalloc, tcmalloc, jemalloc, system"):
         allocator.resolve("tcmaloc", [tmp_path])
     with pytest.raises(ConfigError, match="no such file"):
         allocator.resolve(str(tmp_path / "libmine.so"), [tmp_path])
@@ -61,7 +76,8 @@ def test_active_reads_system_when_the_library_is_not_mapped(monkeypatch):
     assert allocator.active() == "system" and allocator.name() == "system"
     monkeypatch.setenv("LLAMAHOME_MALLOC", "auto")
     if sys.platform.startswith("linux"):
-        assert "apt install libtcmalloc-minimal4" in allocator.describe()
+        assert allocator.describe().startswith("glibc malloc (auto found no mimalloc")
+        assert "apt" not in allocator.describe()
     monkeypatch.setenv("LLAMAHOME_MALLOC", "system")
     assert allocator.describe() == "system malloc"
 
@@ -80,6 +96,9 @@ def test_reexec_env_prepends_the_library_and_keeps_user_settings():
     assert env["LD_PRELOAD"] == "/x/libtcmalloc_minimal.so.4 /y/libother.so"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     assert env["LLAMAHOME_MALLOC_ACTIVE"] == str(tc) and env["PATH"] == "/bin"
+    assert allocator.reexec_env(Path("/x/libmimalloc.so.3"), {})["MIMALLOC_PURGE_DELAY"] == "-1"
+    mi = allocator.reexec_env(Path("/x/libmimalloc.so.3"), {"MIMALLOC_PURGE_DELAY": "500"})
+    assert mi["MIMALLOC_PURGE_DELAY"] == "500"
     je = allocator.reexec_env(Path("/x/libjemalloc.so.2"), {"MALLOC_CONF": "narenas:1"})
     assert je["MALLOC_CONF"] == "narenas:1"
     assert "oversize_threshold:0" in allocator.reexec_env(Path("/x/libjemalloc.so.2"), {})["MALLOC_CONF"]
@@ -119,10 +138,49 @@ def test_reexec_preloads_the_library_and_keeps_the_command_line(tmp_path):
                                           "name": "system", "mapped": []}
 
 
+KEEP_PROBE = """
+import ctypes, json, resource, sys
+from llamahome import allocator
+allocator.reexec()
+libc = ctypes.CDLL(None)  # malloc and free as the process resolves them: the preloaded ones
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):  # like a train step: one large block, written, freed, asked for again
+    block = libc.malloc(256 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(block, 1, 256 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(block)
+print(json.dumps({"name": allocator.name(), "faults": faults}))
+"""
+
+
+def _keep_probe(tmp_path: Path, env: dict[str, str]) -> dict:
+    script = tmp_path / "keep.py"
+    script.write_text(KEEP_PROBE)
+    result = run_python([str(script)], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PIP_MIMALLOC = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+
+
+@pytest.mark.skipif(not PIP_MIMALLOC, reason="cmeel-mimalloc has wheels for Linux x86-64 and aarch64")
+def test_auto_runs_under_the_pip_installed_mimalloc_and_keeps_a_freed_block(tmp_path):
+    got = _keep_probe(tmp_path, {"LLAMAHOME_MALLOC": "auto"})
+    # 256 MiB is 65,536 pages: glibc faults them all in again each time (munmap on free).
+    assert got["name"] == "mimalloc"
+    assert max(got["faults"][1:]) <= 8, got
+    system = _keep_probe(tmp_path, {"LLAMAHOME_MALLOC": "system"})
+    assert system["name"] == "system" and min(system["faults"][1:]) > 10_000, system
+
+
 @pytest.mark.skipif(allocator.find_library("tcmalloc") is None,
-                    reason="no tcmalloc here (apt install libtcmalloc-minimal4; .ci/run does)")
-def test_auto_runs_under_tcmalloc_when_installed(tmp_path):
-    got = _probe(tmp_path, "auto")
+                    reason="no tcmalloc here (apt install libtcmalloc-minimal4)")
+def test_tcmalloc_stays_usable_when_installed(tmp_path):
+    got = _probe(tmp_path, "tcmalloc")
     assert got["name"] == "tcmalloc" and got["mapped"] == [got["active"]]
 
 
@@ -137,8 +195,7 @@ def test_launch_reports_a_bad_choice_without_a_traceback(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_launch_logs_the_allocator_it_runs_under(tmp_path):
-    expected = "tcmalloc" if allocator.find_library("tcmalloc") else (
-        "jemalloc" if allocator.find_library("jemalloc") else "system")
+    expected = next((kind for kind in allocator.AUTO_ORDER if allocator.find_library(kind)), "system")
     result = run_python(["-m", "llamahome.launch", "--gin_file=gin/jobs/env_info.gin",
                          f"--gin_param=launch.run_dir='{tmp_path / 'run'}'"],
                         env={"XLA_FLAGS": "", "LLAMAHOME_MALLOC": "auto"}, cwd=tmp_path)

@@ -40,6 +40,6 @@ def test_peak_table_prefers_the_most_specific_kind():
 
 
 def test_peak_override_and_mfu():
-    assert mfu.peak_flops(per_device=1e12) == 1e12 * len(__import__("jax").devices())
+    assert mfu.peak_flops(per_device=1e12).flops == 1e12 * len(__import__("jax").devices())
     # 6 * N FLOPs/token at 1000 tokens/s on a 1e12 FLOP/s machine, N = 1e6 -> 0.6%
     assert mfu.mfu(6e6, 1000.0, 1e12) == pytest.approx(0.006)
