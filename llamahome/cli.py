@@ -15,7 +15,6 @@ import datetime as dt
 import importlib
 import itertools
 import logging
-import os
 import pkgutil
 import re
 import sys
@@ -33,6 +32,7 @@ from llamahome.config import env as env_config
 from llamahome.config import gin_config, validate
 from llamahome.config.toml import toml_to_bindings
 from llamahome.errors import ConfigError, UserError
+from llamahome.files import write_text_atomic
 
 FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
 PARAMS = flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'train.steps=100'.")
@@ -62,13 +62,6 @@ def new_run_dir(create: bool = False) -> Path:
                 run_dir.mkdir()
                 return run_dir
     raise AssertionError("unreachable")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename, so readers never see half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_config(run_dir: Path, name: str, config: str) -> Path:

@@ -19,6 +19,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from llamahome.config.gin_text import gin_statements
+
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LLAMAHOME_HF_TOKEN")
 REDACTED = "<redacted>"
 
@@ -98,44 +100,6 @@ def redact(text: str) -> str:
     for value in known_secret_values():
         text = text.replace(value, REDACTED)
     return redact_urls(text)
-
-
-def gin_statements(config: str) -> list[str]:
-    """Splits gin text into statements, each with its line ends: a statement spans lines while a
-    bracket, a string or a `\\` continuation is open; a comment or blank line is one of its own."""
-    statements, current = [], []
-    depth, quote = 0, ""
-    for line in config.splitlines(keepends=True):
-        current.append(line)
-        continued, i = False, 0
-        while i < len(line):
-            char = line[i]
-            if quote:
-                if char == "\\":
-                    i += 1
-                elif line.startswith(quote, i):
-                    i += len(quote) - 1
-                    quote = ""
-            elif char == "#":
-                break
-            elif char in "'\"":
-                quote = char * 3 if line.startswith(char * 3, i) else char
-                i += len(quote) - 1
-            elif char in "([{":
-                depth += 1
-            elif char in ")]}":
-                depth = max(depth - 1, 0)
-            elif char == "\\" and not line[i + 1:].strip():
-                continued = True
-            i += 1
-        if len(quote) == 1:  # a one-quote string cannot span lines unless escaped
-            quote = "" if not line.rstrip("\r\n").endswith("\\") else quote
-        if depth == 0 and not quote and not continued:
-            statements.append("".join(current))
-            current = []
-    if current:
-        statements.append("".join(current))
-    return statements
 
 
 def _redact_statement(statement: str) -> str:

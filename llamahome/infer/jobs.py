@@ -29,7 +29,7 @@ import gin
 from absl import logging
 
 from llamahome.cache import CacheManager
-from llamahome.config.gin_text import gin_bindings
+from llamahome.config.gin_text import binding_statements, gin_bindings
 from llamahome.data.pipeline import make_data_iterator
 from llamahome.data import corpora  # noqa: F401  (registers the configurables runs' data bind)
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer, tokenizer_from_spec
@@ -160,20 +160,6 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     return records
 
 
-def _statements(text: str) -> list[tuple[str, str]]:
-    """(name, text) of each binding in a gin config written by gin.config_str()."""
-    statements: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith(("#", "import ", "include ")):
-            continue
-        if line[0].isspace() and statements:  # a value continued on the next lines
-            name, body = statements[-1]
-            statements[-1] = (name, f"{body}\n{line}")
-        elif "=" in line:
-            statements.append((line.split("=", 1)[0].strip(), line))
-    return statements
-
-
 def _is_data_binding(name: str) -> bool:
     """A macro, or a binding of a configurable from llamahome.data other than the tokenizer."""
     if "." not in name:
@@ -199,10 +185,10 @@ def use_run_data(model: LoadedModel) -> str:
     if not model.gin_config:
         raise ConfigError(f"{model.path} is not a training run, so it names no data set; pick one "
                           "with --gin_file=gin/data/<set>.gin (e.g. gin/data/shakespeare.gin)")
-    kept = [body for name, body in _statements(model.gin_config)
-            if _is_data_binding(name) and "<redacted>" not in body]
+    kept = [statement for name, _, statement in binding_statements(model.gin_config)
+            if _is_data_binding(name) and "<redacted>" not in statement]
     with gin.unlock_config():
-        gin.parse_config("\n".join(kept))
+        gin.parse_config("".join(kept))
     return f"the data set of the run ({model.path.parent.parent})"
 
 

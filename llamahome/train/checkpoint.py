@@ -49,8 +49,9 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from etils import epath
 
-from llamahome.cli import write_text_atomic
+from llamahome.config.gin_text import binding_statements
 from llamahome.errors import CheckpointError
+from llamahome.files import write_text_atomic
 from llamahome.parallel import distributed
 from llamahome.parallel.data_shards import ShardedIterator, as_sharded
 from llamahome.secrets import REDACTED, redact_gin_config
@@ -217,19 +218,8 @@ def verify(step_dir: Path) -> str | None:
 
 
 def _bindings(config: str) -> dict[str, str]:
-    """`name -> value` of a gin config string (gin.config_str()'s layout), values normalized."""
-    bindings: dict[str, str] = {}
-    name = None
-    for line in config.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        match = re.match(r"([A-Za-z_][\w./]*)\s*=(.*)", line)
-        if match and not line[0].isspace():
-            name = match.group(1)
-            bindings[name] = match.group(2)
-        elif name is not None:  # a value continued on the next lines
-            bindings[name] += line
-    return {k: _normalize(v) for k, v in bindings.items()}
+    """`name -> value` of a gin config string, values normalized."""
+    return {name: _normalize(value) for name, value, _ in binding_statements(config)}
 
 
 def _normalize(value: str) -> str:

@@ -9,6 +9,7 @@ import gin
 import pytest
 
 from llamahome import cli, secrets
+from llamahome.config import gin_text
 from llamahome.config.env import parse_dotenv
 from llamahome.errors import ConfigError
 
@@ -111,7 +112,7 @@ def test_redacted_gin_config_parses_and_binds_the_same_non_secret_values():
     ("a.b = 'it\\'s ('\n# c\n\n", ["a.b = 'it\\'s ('\n", "# c\n", "\n"]),
 ])
 def test_gin_statements(config, statements):
-    assert secrets.gin_statements(config) == statements
+    assert gin_text.gin_statements(config) == statements
 
 
 def test_saved_config_is_redacted_and_names_what_to_give_again(tmp_path, monkeypatch):
