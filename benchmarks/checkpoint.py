@@ -1,6 +1,6 @@
-"""Checkpoint save and restore MB/s of a `medium` TrainState against a plain file copy; one JSON line.
+"""Checkpoint save and restore MB/s of a `d512x8` TrainState against a plain file copy; one JSON line.
 
-    python benchmarks/checkpoint.py [--config medium] [--repeats 5] [--dir /tmp]
+    python benchmarks/checkpoint.py [--config d512x8] [--repeats 5] [--dir /tmp]
 
 The state is the train job's (params + AdamW moments, float32), saved synchronously through
 llamahome.train.checkpoint.Checkpointer and waited on until committed, then restored onto the
@@ -10,10 +10,10 @@ Each figure is the median over `--repeats` fresh steps.
 
 from __future__ import annotations
 
-from llamahome import allocator
+from llamahome import launch
 
 if __name__ == "__main__":
-    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
+    launch.reexec_under_allocator()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
@@ -29,15 +29,13 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import CONFIGS, named_config  # noqa: E402
+from train_step import CONFIGS, config_name, named_config  # noqa: E402
 
 from llamahome.model.llama import init_params, param_logical_axes, param_shapes  # noqa: E402
-from llamahome.parallel import sharding  # noqa: E402
-from llamahome.parallel.mesh import build_mesh  # noqa: E402
-from llamahome.parallel.rules import axis_rules  # noqa: E402
-from llamahome.train import loop, optim  # noqa: E402
+from llamahome.parallel.mesh import axis_rules, build_mesh, init_sharded  # noqa: E402
+from llamahome.train import optim, step as step_lib  # noqa: E402
 from llamahome.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like  # noqa: E402
-from llamahome.train.state import init_train_state  # noqa: E402
+from llamahome.train.step import init_train_state  # noqa: E402
 
 
 def train_state(name: str):
@@ -46,8 +44,8 @@ def train_state(name: str):
     mesh, rules = build_mesh(), axis_rules("fsdp")
     specs = param_logical_axes(config)
     optimizer, _ = optim.build_optimizer(1e-4, 1000, decay_mask=optim.decay_mask(specs))
-    _, shardings = loop.state_shardings(param_shapes(config), specs, optimizer, mesh, rules)
-    state = sharding.init_sharded(lambda k: init_train_state(init_params(config, k), optimizer, 0),
+    _, shardings = step_lib.state_shardings(param_shapes(config), specs, optimizer, mesh, rules)
+    state = init_sharded(lambda k: init_train_state(init_params(config, k), optimizer, 0),
                                   shardings, jax.random.key(0))
     return state, shardings
 
@@ -71,7 +69,7 @@ def copy_seconds(folder: Path, nbytes: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="medium", choices=list(CONFIGS))
+    parser.add_argument("--config", default="d512x8", type=config_name, choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
     args = parser.parse_args()
@@ -99,7 +97,7 @@ def main() -> None:
     save_mbs, restore_mbs = mb / statistics.median(save_s), mb / statistics.median(restore_s)
     copy_mbs = mb / statistics.median(copy_s)
     print(json.dumps({
-        "benchmark": "checkpoint", "allocator": allocator.name(), "config": args.config, "state_mb": mb, "repeats": args.repeats,
+        "benchmark": "checkpoint", "allocator": launch.allocator_name(), "config": args.config, "state_mb": mb, "repeats": args.repeats,
         "save_mb_per_s": save_mbs, "restore_mb_per_s": restore_mbs, "copy_mb_per_s": copy_mbs,
         "save_vs_copy": save_mbs / copy_mbs, "restore_vs_copy": restore_mbs / copy_mbs,
         "save_s": save_s, "restore_s": restore_s, "copy_s": copy_s, "restored_equal": same}))

@@ -1,8 +1,8 @@
 """LlamaHome against its PyTorch peer, same process: one JSON line per config with both tokens/s.
 
-    python benchmarks/compare_torch.py                    # small and medium, float32
-    python benchmarks/compare_torch.py --config small --rounds 7 --block 2
-    python benchmarks/compare_torch.py --config medium --torch_autocast bf16
+    python benchmarks/compare_torch.py                    # d256x4 and d512x8, float32
+    python benchmarks/compare_torch.py --config d256x4 --rounds 7 --block 2
+    python benchmarks/compare_torch.py --config d512x8 --torch_autocast bf16
 
 The peer is `transformers.LlamaForCausalLM` (sdpa attention, eager, float32) trained with
 `torch.optim.AdamW` and global-norm clipping, the same update as LlamaHome's train step
@@ -16,10 +16,10 @@ steps.
 
 from __future__ import annotations
 
-from llamahome import allocator
+from llamahome import launch
 
 if __name__ == "__main__":
-    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
+    launch.reexec_under_allocator()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
@@ -34,9 +34,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import CONFIGS, build, named_config  # noqa: E402
+from train_step import CONFIGS, build, config_name, named_config  # noqa: E402
 
-from llamahome.model.config import LlamaConfig  # noqa: E402
+from llamahome.model.llama import LlamaConfig  # noqa: E402
 
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -95,7 +95,7 @@ def compare(name: str, rounds: int, block: int, warmup: int, autocast: str = "no
                 start = time.perf_counter()
                 losses[side] = run()
                 times[side].append(time.perf_counter() - start)
-    result = {"benchmark": "compare_torch", "allocator": allocator.name(), "config": name,
+    result = {"benchmark": "compare_torch", "allocator": launch.allocator_name(), "config": name,
               "dtype": "float32", "torch_autocast": autocast, "seq": seq, "batch": batch, "params": config.num_params(), "threads": torch.get_num_threads(),
               "steps_each": rounds * block}
     for side, ts in times.items():
@@ -109,7 +109,7 @@ def compare(name: str, rounds: int, block: int, warmup: int, autocast: str = "no
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="all", choices=["all", *CONFIGS])
+    parser.add_argument("--config", default="all", type=config_name, choices=["all", *CONFIGS])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=1, help="steps per timed block")
     parser.add_argument("--warmup", type=int, default=2)

@@ -8,10 +8,10 @@ folder; the tokenizer is Mistral v1's 32k SentencePiece from the mistral-common 
 
 from __future__ import annotations
 
-from llamahome import allocator
+from llamahome import launch
 
 if __name__ == "__main__":
-    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
+    launch.reexec_under_allocator()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from llamahome.cache import CacheManager
-from llamahome.data.pipeline import data_pipeline, make_data_iterator
+from llamahome.data.pipeline import PipelineConfig, make_data_iterator
 from llamahome.data.sources import TextFiles
 from llamahome.data.token_cache import TokenCache, build_token_cache
 from llamahome.data.tokenizer import load_tokenizer
@@ -69,7 +69,7 @@ def main() -> None:
         build_seconds = time.perf_counter() - start
         num_tokens = TokenCache(path).num_tokens
 
-        config = data_pipeline(sources=sources, cache_name="bench")
+        config = PipelineConfig(sources=sources, cache_name="bench")
         it = make_data_iterator("train", global_batch_size=args.batch, seq_len=args.seq_len, seed=0,
                                 process_index=0, process_count=1, config=config,
                                 tokenizer=tokenizer, cache_manager=manager)
@@ -81,7 +81,7 @@ def main() -> None:
         read_seconds = time.perf_counter() - start
     print(json.dumps({
         "benchmark": "data_pipeline",
-        "allocator": allocator.name(),
+        "allocator": launch.allocator_name(),
         "corpus_mb": args.mb,
         "cache_tokens": num_tokens,
         "build_workers": args.workers,

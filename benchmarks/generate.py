@@ -18,10 +18,10 @@ transformers decode ratios. "same_tokens" says whether both produced the same gr
 
 from __future__ import annotations
 
-from llamahome import allocator
+from llamahome import launch
 
 if __name__ == "__main__":
-    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
+    launch.reexec_under_allocator()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
@@ -35,9 +35,9 @@ import jax
 import numpy as np
 
 
-# Named models: `small` is the quickstart size; `deep_narrow` has SmolLM2-135M's shape (30
-# layers of hidden 576, 9 heads / 3 KV heads, a 49,152 tied vocabulary), where per-token
-# overheads that scale with depth show.
+# Named models: `small` is gin/models/small.gin (19M params, the test size); `deep_narrow`
+# has SmolLM2-135M's shape (30 layers of hidden 576, 9 heads / 3 KV heads, a 49,152 tied
+# vocabulary), where per-token overheads that scale with depth show.
 MODELS = {"small": "gin/models/small.gin", "deep_narrow": "gin/models/smollm2_135m.gin"}
 
 
@@ -110,8 +110,7 @@ def main() -> None:
 
     from llamahome.config import gin_config  # noqa: PLC0415
     from llamahome.infer.generate import generate  # noqa: PLC0415
-    from llamahome.model.config import LlamaConfig  # noqa: PLC0415
-    from llamahome.model.llama import init_params  # noqa: PLC0415
+    from llamahome.model.llama import LlamaConfig, init_params  # noqa: PLC0415
 
     gin_config.parse_config([MODELS.get(args.model, args.model)])
     config = LlamaConfig().replace(dtype=args.dtype)
@@ -119,7 +118,7 @@ def main() -> None:
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     rng = np.random.default_rng(0)
 
-    report = {"benchmark": "generate", "allocator": allocator.name(), "model": config.name,
+    report = {"benchmark": "generate", "allocator": launch.allocator_name(), "model": config.name,
               "params": config.num_params(), "backend": jax.default_backend(),
               "device": jax.devices()[0].device_kind, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "dtype": args.dtype,

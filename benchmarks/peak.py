@@ -2,22 +2,22 @@
 
     python benchmarks/peak.py [--sizes 512,1024,2048,4096]
 
-On a GPU/TPU it also prints the datasheet bf16 peak for the device kind (llamahome/monitor/mfu.py).
+On a GPU/TPU it also prints the datasheet bf16 peak for the device kind (llamahome/monitor.py).
 """
 
 from __future__ import annotations
 
-from llamahome import allocator
+from llamahome import launch
 
 if __name__ == "__main__":
-    allocator.reexec()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
+    launch.reexec_under_allocator()  # mimalloc (from pip), tcmalloc or jemalloc, before JAX or torch load
 
 import argparse
 import json
 
 import jax
 
-from llamahome.monitor.mfu import PEAK_BF16_FLOPS, lookup_peak, measured_matmul_flops
+from llamahome.monitor import PEAK_BF16_FLOPS, lookup_peak, measured_matmul_flops
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     sizes = tuple(int(s) for s in args.sizes.split(","))
     device = jax.devices()[0]
     print(json.dumps({
-        "benchmark": "peak", "allocator": allocator.name(), "platform": device.platform, "device_kind": device.device_kind,
+        "benchmark": "peak", "allocator": launch.allocator_name(), "platform": device.platform, "device_kind": device.device_kind,
         "devices": jax.device_count(), "sizes": sizes,
         "measured_f32_flops": measured_matmul_flops("float32", sizes, args.repeats),
         "measured_bf16_flops": measured_matmul_flops("bfloat16", sizes, args.repeats),

@@ -5,7 +5,7 @@ binding, `launch.job = @train`, so one command runs every job. Settings are boun
 order, later winning: gin files, `--config_toml`, the environment (`.env`, `LLAMAHOME_*`),
 `--gin_param`. Each run gets a run dir holding the config it ran with (secrets redacted, see
 llamahome/secrets.py), locked against a second job for as long as the job runs (see
-llamahome/run_lock.py).
+llamahome/files.py).
 """
 
 from __future__ import annotations
@@ -23,24 +23,25 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import gin
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
 import llamahome
-from llamahome import allocator, paths, run_lock, secrets
-from llamahome.config import env as env_config
+from llamahome import secrets
+from llamahome.cache import apply_memory_limits, enable_compilation_cache
 from llamahome.config import gin_config, validate
-from llamahome.config.toml import toml_to_bindings
 from llamahome.errors import ConfigError, UserError
-from llamahome.files import write_text_atomic
+from llamahome.files import RunDir, RunDirBusy, hold, runs_dir, save_config
+from llamahome.jobs import JOBS, describe_jobs, job, needs_run_dir
+from llamahome.launch import allocator_name, describe_allocator
+from llamahome.parallel import distributed
 
 FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
 PARAMS = flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'train.steps=100'.")
-TOML = flags.DEFINE_string("config_toml", None, "A TOML settings file; see llamahome/config/toml.py.")
+TOML = flags.DEFINE_string("config_toml", None,
+                           "A TOML settings file; see llamahome/config/gin_config.py.")
 DOTENV = flags.DEFINE_string("env_file", ".env", "A .env file to load at start if it exists.")
-
-CONFIG_FILE = "config.gin"
-OPERATIVE_CONFIG_FILE = "operative_config.gin"
 
 
 def import_configurables() -> None:
@@ -53,7 +54,7 @@ def new_run_dir(create: bool = False) -> Path:
     """A fresh `runs/<timestamp>[-n]`; `create` makes it, so two jobs started at once never share it."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in itertools.count(1):
-        run_dir = paths.runs_dir() / (stamp if n == 1 else f"{stamp}-{n}")
+        run_dir = runs_dir() / (stamp if n == 1 else f"{stamp}-{n}")
         if not create and not run_dir.exists():
             return run_dir
         if create:
@@ -64,28 +65,18 @@ def new_run_dir(create: bool = False) -> Path:
     raise AssertionError("unreachable")
 
 
-def save_config(run_dir: Path, name: str, config: str) -> Path:
-    """Writes a gin config string into the run dir with secrets redacted."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    write_text_atomic(path, secrets.redact_gin_config(config))
-    return path
-
-
 @gin.configurable
 def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None,
            write_config: bool = True) -> object:
     """Runs `job(run_dir=...)` in a fresh or given run dir, saving the config it runs with.
 
     A job declared `@job(run_dir=False)` (env_info, models, dashboard) gets `run_dir=None` and
-    no run dir is made, unless `launch.run_dir` is bound.
+    no run dir is made, unless `launch.run_dir` is bound. The operative config (what the job
+    used) is written when the job ends, also when it fails.
     """
-    from llamahome.hub.security import apply_memory_limits  # noqa: PLC0415
-    from llamahome.jobs import needs_run_dir  # noqa: PLC0415
-    from llamahome.parallel import distributed  # noqa: PLC0415  (after gin is bound)
-
     apply_memory_limits()  # XLA_PYTHON_CLIENT_* must be set before JAX starts its backend
     distributed.initialize()
+    enable_compilation_cache()
     if not run_dir and not needs_run_dir(job):
         return job(run_dir=None)
     is_writer = distributed.is_coordinator()
@@ -94,30 +85,29 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
         str(new_run_dir(create=write_config)) if is_writer else "")).expanduser()
     with _locked(run_path, is_writer and write_config):
         if is_writer and write_config:
-            save_config(run_path, CONFIG_FILE, gin.config_str())
+            save_config(run_path, RunDir.CONFIG_FILE, gin.config_str())
         absl_logging.info("run dir: %s", run_path)
-        absl_logging.info("host allocator: %s", allocator.describe())
+        absl_logging.info("host allocator: %s", describe_allocator())
         warn_redacted_bindings()
-        result = job(run_dir=str(run_path))
-        if is_writer and write_config:
-            save_config(run_path, OPERATIVE_CONFIG_FILE, gin.operative_config_str())
-    return result
+        try:
+            return job(run_dir=str(run_path))
+        finally:
+            if is_writer and write_config:
+                save_config(run_path, RunDir.OPERATIVE_CONFIG_FILE, gin.operative_config_str())
 
 
 @contextlib.contextmanager
 def _locked(run_dir: Path, take: bool) -> Iterator[None]:
     """Holds the run dir's lock when `take`; on a pod every process stops if process 0 could not."""
-    from llamahome.parallel import distributed  # noqa: PLC0415
-
     with contextlib.ExitStack() as stack:
         refusal = ""
         if take:
             try:
-                stack.enter_context(run_lock.hold(run_dir))
-            except run_lock.RunDirBusy as e:
+                stack.enter_context(hold(run_dir))
+            except RunDirBusy as e:
                 refusal = str(e)
         if refusal := distributed.from_coordinator(refusal):
-            raise run_lock.RunDirBusy(refusal)
+            raise RunDirBusy(refusal)
         yield
 
 
@@ -136,7 +126,7 @@ class _Formatter(logging.Formatter):
 
 
 def _source(record: logging.LogRecord) -> str:
-    """'llamahome.train.job' style names for absl records (absl names every logger 'absl')."""
+    """'llamahome.train.loop' style names for absl records (absl names every logger 'absl')."""
     path = Path(record.pathname)
     if "llamahome" in path.parts:
         parts = path.with_suffix("").parts
@@ -169,19 +159,17 @@ def setup_logging() -> None:
 
 def bind_all(gin_files: Sequence[str], gin_params: Sequence[str], toml_path: str | None,
              env_file: str | None) -> None:
-    """Binds gin files < TOML < environment < gin params (see llamahome/config/env.py)."""
+    """Binds gin files < TOML < environment < gin params (see llamahome/config/gin_config.py)."""
     if env_file:
-        env_config.load_dotenv(Path(env_file))
+        gin_config.load_dotenv(Path(env_file))
     import_configurables()
-    toml_bindings = toml_to_bindings(Path(toml_path)) if toml_path else []
-    gin_config.parse_config(gin_files, toml_bindings, env_config.env_bindings(), gin_params)
+    toml_bindings = gin_config.toml_to_bindings(Path(toml_path)) if toml_path else []
+    gin_config.parse_config(gin_files, toml_bindings, gin_config.env_bindings(), gin_params)
     validate.validate_config()
 
 
 def require_job() -> None:
     """A clear error when no gin file bound `launch.job`, listing the jobs there are."""
-    from llamahome.jobs import JOBS  # noqa: PLC0415
-
     try:
         gin.query_parameter("launch.job")
     except ValueError:
@@ -214,9 +202,7 @@ def _redacted_excepthook(kind, value, tb) -> None:
 
 def usage() -> str:
     """What `--help` prints: the command, its flags, the jobs and where their gin files are."""
-    from llamahome.jobs import describe_jobs  # noqa: PLC0415  (every module is imported first)
-
-    import_configurables()
+    import_configurables()  # every job registers itself when its module is imported
     gin_dir = gin_config.REPO_GIN_DIR
     width = max(len(name) for name, _ in describe_jobs())
     flag_lines = [f"  --{f.name}: {flags.FLAGS[f.name].help.split(';')[0]}"
@@ -239,6 +225,23 @@ def usage() -> str:
         "  data/<set>.gin, train/parallel/<preset>.gin",
         "example: python -m llamahome.launch --gin_file=gin/train/quickstart.gin",
     ])
+
+
+@job(run_dir=False)
+def env_info(run_dir: str | None = None) -> dict[str, object]:
+    """Prints the JAX backend, devices and library versions: the first thing to run on a new machine."""
+    del run_dir  # it prints; nothing to keep
+    info = {
+        "llamahome": llamahome.__version__,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "process": f"{jax.process_index()}/{jax.process_count()}",
+        "devices": [str(d) for d in jax.devices()],
+        "host_allocator": allocator_name(),
+    }
+    for key, value in info.items():
+        absl_logging.info("%s: %s", key, value)
+    return info
 
 
 def run() -> None:

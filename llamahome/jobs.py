@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import gin
 
+
 F = TypeVar("F", bound=Callable[..., object])
 JOBS: dict[str, Callable[..., object]] = {}
 NO_RUN_DIR: set[str] = set()  # jobs declared @job(run_dir=False)
@@ -41,26 +42,3 @@ def describe_jobs() -> list[tuple[str, str]]:
     """(name, first docstring line) of every registered job, sorted by name."""
     return [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
             for name, fn in sorted(JOBS.items())]
-
-
-@job(run_dir=False)
-def env_info(run_dir: str | None = None) -> dict[str, object]:
-    """Prints the JAX backend, devices and library versions: the first thing to run on a new machine."""
-    import jax  # noqa: PLC0415
-    from absl import logging  # noqa: PLC0415
-
-    import llamahome  # noqa: PLC0415
-    from llamahome import allocator  # noqa: PLC0415
-
-    del run_dir  # it prints; nothing to keep
-    info = {
-        "llamahome": llamahome.__version__,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "process": f"{jax.process_index()}/{jax.process_count()}",
-        "devices": [str(d) for d in jax.devices()],
-        "host_allocator": allocator.name(),
-    }
-    for key, value in info.items():
-        logging.info("%s: %s", key, value)
-    return info

@@ -25,11 +25,13 @@ from pathlib import Path
 import gin
 from absl import flags, logging
 
-from llamahome.data.corpora import corpus_files, corpus_tokenizer
+from llamahome.cache import CacheManager
+from llamahome.data.sources import corpus_files, corpus_tokenizer
+from llamahome.files import RunDir
 from llamahome.infer.jobs import evaluate, generate
 from llamahome.jobs import job
 from llamahome.parallel import distributed
-from llamahome.train.job import train
+from llamahome.train.loop import train
 
 LAUNCH = "python -m llamahome.launch"
 CONTINUE_STEPS = 2000
@@ -109,8 +111,9 @@ def _summary(run_dir: Path, train_result: dict, eval_result: dict,
         f"bits per byte {eval_result['bits_per_byte']:.3f}",
         f"  over the held-out plays: {eval_result['tokens']:,} tokens in "
         f"{eval_result['batches']} batches{differs}",
-        f"run dir:      {run_dir}   (checkpoints/, tokenizer/, metrics.jsonl, generations.jsonl)",
-        f"TensorBoard logs: {run_dir / 'tensorboard'}  (the dashboard below shows the same curves)",
+        f"run dir:      {run_dir}   ({RunDir.CHECKPOINTS_DIR}/, {RunDir.TOKENIZER_DIR}/, "
+        f"{RunDir.METRICS_FILE}, {RunDir.GENERATIONS_FILE})",
+        f"TensorBoard logs: {RunDir(run_dir).tensorboard}  (the dashboard below shows the same curves)",
         "continue training to "
         f"{CONTINUE_STEPS} steps (resumes; the learning rate goes on from its last value):",
         f"  {commands['continue']}",
@@ -129,7 +132,7 @@ def _stopped_message(run_dir: Path, train_result: dict, gin_files: Sequence[str]
     return "\n".join([
         "",
         f"stopped at step {train_result['step']}: the checkpoint is saved in "
-        f"{run_dir / 'checkpoints'}; nothing was evaluated. Resume with:",
+        f"{RunDir(run_dir).checkpoints}; nothing was evaluated. Resume with:",
         f"  {commands['resume']}",
     ])
 
@@ -139,7 +142,7 @@ def _interrupted_message(run_dir: Path, stage: str, gin_files: Sequence[str]) ->
     return "\n".join([
         "",
         f"interrupted during {stage}; training had finished and its checkpoint is saved in "
-        f"{run_dir / 'checkpoints'}. Run the rest on its own:",
+        f"{RunDir(run_dir).checkpoints}. Run the rest on its own:",
         f"  {commands['evaluate']}",
         f"  {commands['generate']}",
     ])
@@ -172,9 +175,11 @@ def quickstart(run_dir: str, corpus: str = "shakespeare", vocab_size: int = 8192
                prompts: Sequence[str] = ("ROMEO:\n", "To be, or not to be,"),
                gin_files: Sequence[str] = ("gin/train/quickstart.gin",)) -> dict:
     """Fetch corpus, train tokenizer, train, evaluate, generate; returns the eval figures."""
+    cache = CacheManager()
     logging.info("corpus %s: %d train files, %d held-out files", corpus,
-                 len(corpus_files(corpus, "train")), len(corpus_files(corpus, "validation")))
-    _bind_tokenizer(corpus_tokenizer(corpus, vocab_size))
+                 len(corpus_files(corpus, "train", manager=cache)),
+                 len(corpus_files(corpus, "validation", manager=cache)))
+    _bind_tokenizer(corpus_tokenizer(corpus, vocab_size, manager=cache))
     path = Path(run_dir)
     train_result = train(run_dir=run_dir)
     if train_result.get("status") == "preempted":

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Sequence
 
-from llamahome.config.gin_text import gin_statements
+from llamahome.config.gin_config import gin_statements
 
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LLAMAHOME_HF_TOKEN")
 REDACTED = "<redacted>"

@@ -4,15 +4,28 @@ Tests that need a specific count can run a subprocess (see `run_python`)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Tests never write the user's caches: the cache root (token caches, corpora, models, JAX's
+# compilation cache, which every launch turns on) is a temporary folder for the session, in
+# this process (llamahome.files reads XDG_CACHE_HOME) and in every subprocess (launch binds
+# LLAMAHOME_CACHE_DIR / LLAMAHOME_MODELS_DIR, which also win over a .env file).
+TEST_CACHE_HOME = Path(tempfile.mkdtemp(prefix="llamahome-tests-cache-"))
+atexit.register(shutil.rmtree, TEST_CACHE_HOME, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = str(TEST_CACHE_HOME)
+os.environ["LLAMAHOME_CACHE_DIR"] = str(TEST_CACHE_HOME / "llamahome")
+os.environ["LLAMAHOME_MODELS_DIR"] = str(TEST_CACHE_HOME / "llamahome" / "models")
 
 import gin  # noqa: E402
 import pytest  # noqa: E402

@@ -84,7 +84,7 @@ RULES: dict[str, Rule] = {
     "train.eval_batches": at_least(1),
     "train.log_every": at_least(1),
     "train.z_loss": at_least(0),
-    "train.nan_policy": one_of("llamahome.train.job.NAN_POLICIES"),
+    "train.nan_policy": one_of("llamahome.train.loop.NAN_POLICIES"),
     "train.data_shards": at_least(1),
     "train.loss_chunk_length": at_least(0),
     "CheckpointConfig.save_steps": at_least(1),
@@ -115,7 +115,7 @@ RULES: dict[str, Rule] = {
     "sgd.weight_decay": at_least(0),
     # data (llamahome/data/)
     "data_pipeline.validation_fraction": in_range(0, 1),
-    "data_pipeline.packing": one_of("llamahome.data.packing.PACKERS"),
+    "data_pipeline.packing": one_of("llamahome.data.pipeline.PACKERS"),
     "data_pipeline.window_rows": at_least(1),
     "data_pipeline.build_workers": at_least(0),
     "data_pipeline.read_workers": at_least(0),
@@ -132,7 +132,8 @@ RULES: dict[str, Rule] = {
     "train_tokenizer.vocab_size": at_least(1),
     "train_tokenizer.min_frequency": at_least(1),
     "build_cache.num_workers": at_least(1),
-    "CacheManager.policy": one_of("llamahome.cache.disk.POLICIES"),
+    "CacheManager.policy": one_of("llamahome.cache.POLICIES"),
+    "compilation_cache.min_compile_time_secs": at_least(0),
     # inference (llamahome/infer/jobs.py)
     "evaluate.batch_size": at_least(1),
     "evaluate.seq_len": at_least(1),
@@ -147,7 +148,7 @@ RULES: dict[str, Rule] = {
     "build_mesh.data": mesh_axis(),
     "build_mesh.fsdp": mesh_axis(),
     "build_mesh.tensor": mesh_axis(),
-    "axis_rules.preset": one_of("llamahome.parallel.rules.PRESETS"),
+    "axis_rules.preset": one_of("llamahome.parallel.mesh.PRESETS"),
     "initialize.num_processes": at_least(1),
     "initialize.process_id": at_least(0),
     "initialize.initialization_timeout": at_least(1),
@@ -322,7 +323,8 @@ def _build(configurable: Any, values: dict[str, Any]) -> None:
     cls = configurable.wrapped
     fields = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING
               else f.default for f in dataclasses.fields(cls) if f.init}
-    if any(v is dataclasses.MISSING for v in fields.values()) or _contains_reference(values):
+    required = (dataclasses.MISSING, gin.REQUIRED)
+    if any(v is r for v in fields.values() for r in required) or _contains_reference(values):
         return  # a required field, or a value only a reference can build: left to the job
     recorded = ("", configurable.selector)  # gin logs each call in the operative config
     logged_before = recorded in gin.config._OPERATIVE_CONFIG

@@ -44,6 +44,7 @@ from llamahome.dashboard import run_files
 from llamahome.dashboard.playground import FieldError, Playground, SampleRequest
 from llamahome.dashboard.request_guard import MAX_BODY_BYTES, RequestGuard
 from llamahome.errors import UserError
+from llamahome.files import RunDir
 
 STATIC_DIR = Path(__file__).parent / "static"
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -128,7 +129,7 @@ def api_run(request: Request) -> JSONResponse:
     if (run_dir := _run_dir(request)) is None:
         return _not_found("run")
     summary = run_files.run_summary(run_dir, request.app.state.stale_after_s)
-    summary["status_json"] = _run_json(run_dir, run_files.STATUS_FILE)
+    summary["status_json"] = _run_json(run_dir, RunDir.STATUS_FILE)
     return _json(summary)
 
 
@@ -151,8 +152,8 @@ def _config_text(run_dir: Path, name: str) -> str | None:
 def api_config(request: Request) -> JSONResponse:
     if (run_dir := _run_dir(request)) is None:
         return _not_found("run")
-    return _json({"config": _config_text(run_dir, run_files.CONFIG_FILE),
-                  "operative_config": _config_text(run_dir, run_files.OPERATIVE_CONFIG_FILE)})
+    return _json({"config": _config_text(run_dir, RunDir.CONFIG_FILE),
+                  "operative_config": _config_text(run_dir, RunDir.OPERATIVE_CONFIG_FILE)})
 
 
 def api_checkpoints(request: Request) -> JSONResponse:
@@ -164,7 +165,7 @@ def api_checkpoints(request: Request) -> JSONResponse:
 def api_cache_stats(request: Request) -> JSONResponse:
     if (run_dir := _run_dir(request)) is None:
         return _not_found("run")
-    return _json({"cache_stats": _run_json(run_dir, run_files.CACHE_STATS_FILE)})
+    return _json({"cache_stats": _run_json(run_dir, RunDir.CACHE_STATS_FILE)})
 
 
 def _sse(event: str | None, data: dict) -> str:

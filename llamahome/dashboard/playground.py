@@ -15,6 +15,8 @@ from pathlib import Path
 
 from llamahome.dashboard import run_files
 from llamahome.errors import UserError
+from llamahome.files import RunDir
+from llamahome.infer.generator import load_generator
 
 MAX_PROMPT_CHARS = 8192
 MAX_NEW_TOKENS = 1024
@@ -113,7 +115,7 @@ def checkpoint_step(run_dir: Path, step: int | None) -> int:
     """`step` if it is a committed checkpoint of the run, else UserError; None: the newest."""
     steps = [c["step"] for c in run_files.list_checkpoints(run_dir)]
     if not steps:
-        raise UserError(f"run {run_dir.name} has no checkpoint under {run_dir / run_files.CHECKPOINTS_DIR} "
+        raise UserError(f"run {run_dir.name} has no checkpoint under {RunDir(run_dir).checkpoints} "
                         "yet; wait for the first save (CheckpointConfig.save_steps)")
     if step is None:
         return steps[-1]
@@ -125,17 +127,15 @@ def checkpoint_step(run_dir: Path, step: int | None) -> int:
 
 def check_no_symlink_out(run_dir: Path, step: int) -> None:
     """UserError if loading `step` would read a file through a symlink to outside the run dir."""
-    read = [run_dir / run_files.CONFIG_FILE, run_dir / run_files.OPERATIVE_CONFIG_FILE,
-            run_dir / run_files.CHECKPOINTS_DIR / str(step)]
+    run = RunDir(run_dir)
+    read = [run.config, run.operative_config, run.checkpoints / str(step)]
     if (link := run_files.escaping_symlink(run_dir, read)) is not None:
         raise UserError(f"{link} is a symlink to outside the run dir {run_dir}; the dashboard "
                         "does not follow it (copy the files into the run dir)")
 
 
 def load_run_generator(run_dir: Path, step: int):
-    """`llamahome.infer.generator.load_generator`, imported on first use (it imports jax)."""
-    from llamahome.infer.generator import load_generator  # noqa: PLC0415
-
+    """The generator of `run_dir` at checkpoint `step`: what a Playground loads by default."""
     return load_generator(run_dir, step=step)
 
 

@@ -1,4 +1,4 @@
-"""Reading run dirs in the format training writes (see /work/notes/contracts.md, "Run dir").
+"""Reading run dirs in the format training writes (the layout: `llamahome.files.RunDir`).
 
 A run dir holds `config.gin`, `operative_config.gin`, `metrics.jsonl` (one JSON object per
 line, `split` "train" or "eval"), `status.json` (a heartbeat replaced atomically: status,
@@ -20,13 +20,7 @@ import re
 import time
 from pathlib import Path
 
-CONFIG_FILE = "config.gin"
-OPERATIVE_CONFIG_FILE = "operative_config.gin"
-METRICS_FILE = "metrics.jsonl"
-STATUS_FILE = "status.json"
-CACHE_STATS_FILE = "cache_stats.json"
-CHECKPOINTS_DIR = "checkpoints"
-RUN_MARKERS = (STATUS_FILE, METRICS_FILE, CONFIG_FILE)
+from llamahome.files import RunDir, dir_size
 
 STALE = "stale"  # shown for a "running" heartbeat older than the threshold: the process died
 MAX_METRICS_BYTES = 4 << 20  # one metrics response reads at most this much; the client pages on
@@ -92,7 +86,7 @@ def run_file(run_dir: Path, name: str) -> Path | None:
 
 def is_run_dir(path: Path) -> bool:
     try:
-        return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+        return path.is_dir() and any((path / marker).exists() for marker in RunDir.MARKERS)
     except (OSError, ValueError):  # a name too long for the file system
         return False
 
@@ -144,7 +138,7 @@ def read_metrics(run_dir: Path, since: int = 0, max_bytes: int = MAX_METRICS_BYT
     `next` is the offset to pass as `since` on the next call; `reset` is True when `since`
     lies past the end (the file was replaced), in which case reading restarted at 0.
     """
-    path = run_file(run_dir, METRICS_FILE)
+    path = run_file(run_dir, RunDir.METRICS_FILE)
     try:
         size = path.stat().st_size if path else -1
     except OSError:
@@ -164,7 +158,7 @@ def read_metrics(run_dir: Path, since: int = 0, max_bytes: int = MAX_METRICS_BYT
 
 def last_train_record(run_dir: Path) -> dict | None:
     """The last complete "train" record of metrics.jsonl, read from the end of the file."""
-    if (path := run_file(run_dir, METRICS_FILE)) is None:
+    if (path := run_file(run_dir, RunDir.METRICS_FILE)) is None:
         return None
     try:
         with path.open("rb") as f:
@@ -193,23 +187,11 @@ def model_name(run_dir: Path, status: dict | None) -> str | None:
     """The model preset: status.json's `model`, else `LlamaConfig.name` in the saved config."""
     if status and status.get("model"):
         return str(status["model"])
-    for name in (OPERATIVE_CONFIG_FILE, CONFIG_FILE):
+    for name in (RunDir.OPERATIVE_CONFIG_FILE, RunDir.CONFIG_FILE):
         text = read_text(run_file(run_dir, name))
         if text and (m := _MODEL_NAME.search(text)):
             return m.group(1)
     return None
-
-
-def dir_size(path: Path) -> int:
-    """Total bytes of the regular files under `path`."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for file in files:
-            try:
-                total += os.lstat(os.path.join(root, file)).st_size
-            except OSError:
-                continue
-    return total
 
 
 def list_checkpoints(run_dir: Path) -> list[dict]:
@@ -218,7 +200,7 @@ def list_checkpoints(run_dir: Path) -> list[dict]:
     Orbax writes a step under a temporary name and renames it when complete, so only
     directories named by an integer are listed.
     """
-    root = run_dir / CHECKPOINTS_DIR
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir() or inside(run_dir, root) is None:
         return []
     checkpoints = []
@@ -232,10 +214,10 @@ def list_checkpoints(run_dir: Path) -> list[dict]:
 def run_summary(run_dir: Path, stale_after_s: float, now: float | None = None) -> dict:
     """One row of the runs list: name, status, model, steps, last loss, tokens/s, start time."""
     now = time.time() if now is None else now
-    status = read_json(run_file(run_dir, STATUS_FILE))
+    status = read_json(run_file(run_dir, RunDir.STATUS_FILE))
     last = last_train_record(run_dir) or {}
     started = (status or {}).get("started")
-    if started is None and (config := run_file(run_dir, CONFIG_FILE)) and config.exists():
+    if started is None and (config := run_file(run_dir, RunDir.CONFIG_FILE)) and config.exists():
         started = config.stat().st_mtime
     return {
         "name": run_dir.name,

@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 from absl import logging
 
-from llamahome import paths
+from llamahome import files
 from llamahome.dashboard.app import build_app
 from llamahome.errors import ConfigError
 from llamahome.jobs import job
@@ -61,7 +61,7 @@ def dashboard(run_dir: str | None = None, runs_dir: str | None = None,
               port: int = 8265, allow_public: bool = False, stale_after_s: float = 120.0) -> None:
     """Serves the dashboard over the runs under `runs_dir` until interrupted (run_dir is unused)."""
     del run_dir  # the dashboard only reads run dirs: it gets none of its own
-    root = Path(runs_dir).expanduser() if runs_dir else paths.runs_dir()
+    root = Path(runs_dir).expanduser() if runs_dir else files.runs_dir()
     sock = bind_socket(host, port, allow_public)
     app = build_app(root, stale_after_s=stale_after_s, loopback_only=not allow_public)
     logging.info("dashboard of %s on %s (Ctrl-C stops it)", root.resolve(), url_of(sock))

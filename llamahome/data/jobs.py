@@ -14,6 +14,7 @@ from llamahome.data.pipeline import cache_name_for, data_pipeline, resolved_opti
 from llamahome.data.sources import Skipped
 from llamahome.data.token_cache import TokenCache, build_token_cache
 from llamahome.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from llamahome.files import RunDir, write_text_atomic
 from llamahome.jobs import job
 
 
@@ -41,7 +42,7 @@ def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = N
         logging.info("%s cache %s: %d documents, %d tokens, %d skipped records (%.1fs)", split,
                      path, cache.num_docs, cache.num_tokens, cache.meta["skipped"], seconds)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "cache_stats.json").write_text(json.dumps(manager.stats(), indent=1))
+    write_text_atomic(RunDir(run_dir).cache_stats, json.dumps(manager.stats(), indent=1))
     return report
 
 
@@ -63,7 +64,7 @@ def train_tokenizer(run_dir: str, sources: Sequence | None = None, vocab_size: i
                     output: str | None = None, min_frequency: int = 2,
                     special_tokens: Sequence[str] = ("<s>", "</s>", "<pad>")) -> str:
     """Trains a byte-level BPE tokenizer.json on `sources` (default: data_pipeline's); returns its dir."""
-    out = Path(output).expanduser() if output else Path(run_dir) / "tokenizer"
+    out = Path(output).expanduser() if output else RunDir(run_dir).tokenizer
     train_bpe_tokenizer(source_texts(sources or data_pipeline().sources), out, vocab_size,
                         min_frequency, special_tokens)
     logging.info("tokenizer written to %s", out)

@@ -33,7 +33,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from llamahome.cache import CacheManager
+from llamahome.cache import CacheManager, host_ram_budget
 from llamahome.data.sources import Document, Skipped, reject
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, tokenizer_from_spec
 from llamahome.errors import DataError
@@ -378,12 +378,14 @@ class TokenCache:
             raise self._corrupt("document offsets decrease")
 
     def _load_into_memory(self, manager: CacheManager | None, memory_budget: int):
-        """Reads the arrays into RAM when the memory budget allows; else reads stay on tensorstore."""
+        """Reads the arrays into RAM when they fit the manager's memory budget (or, without a
+        manager, `memory_budget`), both capped by MemoryLimits.host_ram_bytes; else reads stay
+        on tensorstore."""
         key = f"token_cache:{self.path}"
         if manager is not None and (cached := manager.memory_get(key)) is not None:
             return cached
         nbytes = self.num_tokens * (self._tokens.dtype.numpy_dtype.itemsize + (self._mask is not None))
-        if nbytes > (manager.memory.budget if manager is not None else memory_budget):
+        if nbytes > (manager.memory.budget if manager is not None else host_ram_budget(memory_budget)):
             return None, None
         tokens = self._tokens.read().result()
         mask = self._mask.read().result() if self._mask is not None else None

@@ -1,11 +1,16 @@
 """Tokenizers: one small protocol over HF `tokenizers` (tokenizer.json) and SentencePiece (.model).
 
-Contract (see /work/notes/contracts.md): a `Tokenizer` has `vocab_size`, `bos_id`, `eos_id`,
-`pad_id`, `stop_ids`, `chat_template`, `encode(text, add_bos=None, add_eos=None) -> list[int]`,
-`decode(ids) -> str`, `apply_chat_template(messages) -> (ids, loss_mask)` and
-`chat_prompt(messages) -> ids`. `load_tokenizer(path)` accepts a tokenizer.json, a
-SentencePiece model file, or a directory holding either; `fingerprint` hashes the files and
-options so a token cache is rebuilt when the tokenizer changes.
+Contract (the `Tokenizer` protocol below, what the data pipeline, training and inference
+use): a tokenizer has `vocab_size`, `bos_id` (None when the vocabulary has no BOS),
+`eos_id`, `pad_id`, `stop_ids` (generation ends at any of them), `chat_template` (Jinja),
+`fingerprint` and `spec` (what a worker process loads it again from);
+`encode(text, add_bos=None, add_eos=None) -> list[int]` and `encode_batch` (None: the files'
+rule, below), `decode(ids) -> str`, `token_id(token) -> int | None`, `adds() -> (bos, eos)`,
+`apply_chat_template(messages) -> (ids, loss_mask)` (the mask is 1 on the assistant turns, as
+long as ids) and `chat_prompt(messages) -> ids` (the conversation so far plus the assistant's
+header, to generate from). `load_tokenizer(path)` accepts a tokenizer.json, a SentencePiece
+model file, or a directory holding either; `fingerprint` hashes the files and options so a
+token cache is rebuilt when the tokenizer changes.
 
 A tokenizer follows the rules of the files beside it, as `transformers` does (5.x):
 
@@ -19,6 +24,9 @@ A tokenizer follows the rules of the files beside it, as `transformers` does (5.
   has them, else a plain `<|role|>\\n...` layout closed by EOS.
 - Stop ids: generation_config.json's `eos_token_id` (an id or a list: Llama 3 has several), else
   EOS plus Llama 3's <|eot_id|> / <|end_of_text|> when the vocabulary has them.
+
+A training run keeps a copy of its tokenizer in its run dir (`save_run_tokenizer`, read back
+by `run_tokenizer`), so the run dir alone is enough to evaluate, generate from or export it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +46,7 @@ from absl import logging
 from llamahome.data.chat_template import (LLAMA3_TEMPLATE, PLAIN_TEMPLATE, render_chat,
                                           render_chat_spans)
 from llamahome.errors import DataError
+from llamahome.files import RunDir
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -397,3 +408,58 @@ def train_bpe_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192,
          "add_eos_token": False}, indent=1))
     logging.info("trained a byte-level BPE tokenizer with %d tokens", tokenizer.get_vocab_size())
     return out
+
+
+# --- The run's copy ---
+# The train job copies the tokenizer it trains with into the run dir, so evaluating,
+# generating from or exporting the run needs only the run dir, even after the original file
+# (a cache entry, a download) is gone:
+#     <run_dir>/tokenizer/   tokenizer.json or tokenizer.model (+ tokenizer_config.json), and
+#                            spec.json {"source", "bos_token", "eos_token", "pad_token"}
+
+SPEC_FILE = "spec.json"
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files that make up the tokenizer at `path` (a file, or a folder holding one)."""
+    if path.is_file():
+        siblings = [path.parent / name for name in TOKENIZER_FILES[2:]] if path.suffix == ".json" else []
+        return [path, *(f for f in siblings if f.is_file() and f != path)]
+    return [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+
+
+def save_run_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> Path:
+    """Copies `tokenizer`'s files into `run_dir`/tokenizer (atomically); returns that folder."""
+    spec = tokenizer.spec
+    source = Path(spec.path).expanduser().absolute()
+    final = RunDir(run_dir).tokenizer
+    if (final / SPEC_FILE).is_file() and json.loads((final / SPEC_FILE).read_text()) == \
+            _spec_record(spec, source):
+        return final
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer-") as tmp:
+        for file in tokenizer_files(source):
+            name = file.name if file.name in TOKENIZER_FILES else (
+                "tokenizer.json" if file.suffix == ".json" else "tokenizer.model")
+            shutil.copy2(file, Path(tmp) / name)
+        (Path(tmp) / SPEC_FILE).write_text(json.dumps(_spec_record(spec, source), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        Path(tmp).rename(final)
+        Path(tmp).mkdir()  # TemporaryDirectory cleans up the now-empty name
+    return final
+
+
+def _spec_record(spec: TokenizerSpec, source: Path) -> dict:
+    return {"source": str(source), "bos_token": spec.bos_token, "eos_token": spec.eos_token,
+            "pad_token": spec.pad_token}
+
+
+def run_tokenizer(run_dir: Path) -> TokenizerSpec | None:
+    """The spec of the tokenizer saved in `run_dir`, or None when the run has no copy."""
+    folder = RunDir(run_dir).tokenizer
+    if not (folder / SPEC_FILE).is_file():
+        return None
+    record = json.loads((folder / SPEC_FILE).read_text())
+    return TokenizerSpec(str(folder), record.get("bos_token"), record.get("eos_token"),
+                         record.get("pad_token"))

@@ -54,8 +54,9 @@ from pathlib import Path
 from absl import logging
 from tqdm import tqdm
 
-from llamahome import paths, secrets
+from llamahome import secrets
 from llamahome.errors import CheckpointError, ConfigError, DataError, UserError
+from llamahome.files import dir_size, models_dir
 from llamahome.hub import storage
 from llamahome.hub.registry import (CHUNK_BYTES, STAGING, FileEntry, ModelVersion, Registry,
                                     check_name, sha256_file)
@@ -365,7 +366,7 @@ def install(source: str, *, name: str | None = None, revision: str | None = None
             budget: storage.StorageBudget | None = None, progress: bool = True,
             retries: int = 5, backoff_s: float = 1.0) -> ModelVersion:
     """Fetches `source`, verifies it and registers it as a new version; returns that version."""
-    registry = registry or Registry(paths.models_dir())
+    registry = registry or Registry(models_dir())
     kind, where = parse_source(source)
     label = public_url(where) if kind == "http" else source  # never a URL's query or password
     if files and kind != "http":
@@ -385,7 +386,7 @@ def install(source: str, *, name: str | None = None, revision: str | None = None
     if kind != "http":  # only HTTP resumes from staging; the Hub client resumes in its cache
         shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
-    staged_bytes = storage.dir_size(staging)
+    staged_bytes = dir_size(staging)
 
     def room(incoming: int) -> None:
         storage.ensure_room(registry, max(incoming - staged_bytes, 0), budget)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import logging
 
-from llamahome import paths
+from llamahome.files import RunDir, models_dir
 from llamahome.errors import ConfigError
 from llamahome.hub import download, storage
 from llamahome.hub.registry import ModelVersion, Registry
@@ -59,8 +59,7 @@ def download_model(run_dir: str, source: str | None = None, name: str | None = N
                                cache_dir=cache_dir, local_files_only=local_files_only,
                                parent=parent, budget=storage.StorageBudget(), progress=progress)
     result = summary(version)
-    text = json.dumps(result, indent=1) + "\n"
-    Path(run_dir, "download.json").write_text(text, encoding="utf-8")
+    RunDir(run_dir).download.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
 
@@ -69,7 +68,7 @@ def models(run_dir: str | None = None, action: str = "list", ref: str | None = N
            path: str | None = None, name: str | None = None, parent: str | None = None) -> object:
     """Lists, shows, pins, unpins, removes, verifies or registers (a local dir) model versions."""
     del run_dir  # the registry lives in the models dir, not the run dir
-    registry = Registry(paths.models_dir())
+    registry = Registry(models_dir())
     if action not in ACTIONS:
         raise ConfigError(f"models.action = {action!r}; choose one of {', '.join(ACTIONS)}")
     if action == "list":

@@ -1,4 +1,4 @@
-"""The model registry: a JSON manifest of model versions under `paths.models_dir()`.
+"""The model registry: a JSON manifest of model versions under `files.models_dir()`.
 
 Layout:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -36,9 +35,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llamahome.errors import CheckpointError, ConfigError, UserError, did_you_mean
+from llamahome.files import RunDir, locked_json, models_dir
 from llamahome.hub.security import safe_join
 
 MANIFEST = "registry.json"
+LOCK_FILE = ".registry.lock"  # guards every manifest update
 STAGING = ".staging"
 FORMAT = 1
 STALE_HEARTBEAT_S = 3600.0
@@ -124,7 +125,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 def run_is_active(run_dir: str, now: float | None = None) -> bool:
     """True while the run's status.json says running and its process (or heartbeat) is alive."""
     try:
-        status = json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
+        status = json.loads(RunDir(run_dir).status.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if status.get("status") != "running":
@@ -151,17 +152,25 @@ class Registry:
     def versions(self) -> list[ModelVersion]:
         """Every registered version, validated (names and file paths), oldest first."""
         path = self.root / MANIFEST
-        if not path.is_file():
-            return []
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            versions = [ModelVersion.from_json(r) for r in data["versions"]]
+            manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except ValueError as e:
+            raise self._invalid(e) from None
+        return self._parse(manifest)
+
+    def _parse(self, manifest: dict) -> list[ModelVersion]:
+        """The versions of a loaded manifest ({} when there is none yet), validated, oldest first."""
+        try:
+            versions = [ModelVersion.from_json(r) for r in manifest["versions"]] if manifest else []
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a valid model registry ({e}); move it aside and "
-                                  "re-register the models") from None
+            raise self._invalid(e) from None
         for v in versions:
             self._check(v)
         return sorted(versions, key=lambda v: (v.name, v.version))
+
+    def _invalid(self, e: Exception) -> CheckpointError:
+        return CheckpointError(f"{self.root / MANIFEST}: not a valid model registry ({e}); move it "
+                               "aside and re-register the models")
 
     def list(self, name: str | None = None) -> list[ModelVersion]:
         """Versions of `name` (all models when None)."""
@@ -286,26 +295,16 @@ class Registry:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[list[ModelVersion]]:
         """Yields the versions for editing under an exclusive lock, then saves them atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".registry.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            versions = self.versions()
+        with locked_json(self.root / MANIFEST, self.root / LOCK_FILE) as manifest:
+            versions = self._parse(manifest)
             yield versions
-            self._save(versions)
-
-    def _save(self, versions: list[ModelVersion]) -> None:
-        data = {"format": FORMAT, "versions": [v.to_json() for v in versions]}
-        path = self.root / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+            manifest.clear()
+            manifest.update(format=FORMAT, versions=[v.to_json() for v in versions])
 
 
 def use_model(ref: str, run_dir: str, root: Path | str | None = None) -> Path:
     """The files directory of `ref`, recording that `run_dir` uses it (for training/generation)."""
-    from llamahome import paths  # noqa: PLC0415
-
-    registry = Registry(root if root is not None else paths.models_dir())
+    registry = Registry(root if root is not None else models_dir())
     version = registry.record_use(ref, run_dir)
     return registry.version_dir(version)
 

@@ -1,7 +1,7 @@
 """A disk budget for the models dir (and, optionally, the run dirs' checkpoints).
 
 Before a download, `ensure_room(registry, incoming_bytes)` compares what the models dir (plus
-checkpoints under `paths.runs_dir()` when `count_checkpoints`) would hold afterwards with
+checkpoints under `files.runs_dir()` when `count_checkpoints`) would hold afterwards with
 `StorageBudget.max_bytes`:
 
 - within budget: nothing happens;
@@ -21,16 +21,14 @@ download that would not fit on the disk at all is always refused.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import stat
 import time
 from pathlib import Path
 
 import gin
 from absl import logging
 
-from llamahome import paths
+from llamahome.files import RunDir, dir_size, runs_dir
 from llamahome.errors import UserError
 from llamahome.hub.registry import ModelVersion, Registry
 
@@ -46,30 +44,18 @@ class StorageBudget:
     count_checkpoints: bool = False
 
 
-def dir_size(path: Path) -> int:
-    """Bytes of the regular files under `path` (each inode counted once; symlinks not followed)."""
-    seen, total = set(), 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            st = os.lstat(os.path.join(root, name))
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
-def checkpoints_size(runs_dir: Path) -> int:
-    """Bytes of every run's `checkpoints/` folder under `runs_dir`."""
-    if not runs_dir.is_dir():
+def checkpoints_size(runs: Path) -> int:
+    """Bytes of every run's `checkpoints/` folder under the runs dir `runs`."""
+    if not runs.is_dir():
         return 0
-    return sum(dir_size(c) for c in runs_dir.glob("*/checkpoints") if c.is_dir())
+    return sum(dir_size(c) for c in runs.glob(f"*/{RunDir.CHECKPOINTS_DIR}") if c.is_dir())
 
 
 def usage(registry: Registry, budget: StorageBudget) -> int:
     """Bytes counted against the budget now."""
     used = dir_size(registry.root) if registry.root.is_dir() else 0
     if budget.count_checkpoints:
-        used += checkpoints_size(paths.runs_dir())
+        used += checkpoints_size(runs_dir())
     return used
 
 

@@ -5,7 +5,8 @@
 `batches` are the data pipeline's dicts of [batch, length] numpy arrays (inputs, targets,
 positions, segment_ids, loss_mask), e.g. `make_data_iterator("validation", ...)`, which reads
 the token cache. The step is training's `eval_step` compiled with training's shardings
-(llamahome/train/loop.py), so a model that trains on a mesh evaluates on it.
+and the one eval loop of training (llamahome/train/step.py), so a model that trains on a mesh
+evaluates on it, and processes holding different numbers of batches stay in step.
 
     loss           = sum of cross-entropy (nats) over targets with loss_mask > 0 / their count
     perplexity     = exp(loss)
@@ -18,6 +19,7 @@ bytes), so bits per byte compares models with different tokenizers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -27,12 +29,10 @@ from jax.sharding import Mesh
 
 from llamahome.data.tokenizer import Tokenizer
 from llamahome.errors import UserError
-from llamahome.model.config import LlamaConfig
-from llamahome.model.llama import Llama, param_logical_axes
-from llamahome.monitor.writers import perplexity
-from llamahome.parallel import sharding
-from llamahome.parallel.rules import Rules
-from llamahome.train import loop
+from llamahome.model.llama import Llama, LlamaConfig, param_logical_axes
+from llamahome.monitor import perplexity
+from llamahome.parallel.mesh import Rules, batch_sharding, logical_shardings
+from llamahome.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,38 +70,40 @@ def evaluate_params(params, config: LlamaConfig, batches: Iterable[dict], *, mes
                     rules: Rules, tokenizer: Tokenizer | None = None,
                     max_batches: int | None = None) -> EvalResult:
     """Evaluates `params` (laid out by the rules on `mesh`) over up to `max_batches` batches."""
-    model = Llama(config)
-    apply_fn = lambda p, inputs, positions, segment_ids: model.apply(  # noqa: E731
-        {"params": p}, inputs, positions, segment_ids, return_hidden=True)
-    param_shardings = sharding.logical_shardings(param_logical_axes(config), mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    step, loss_sum, tokens, nbytes, count = None, 0.0, 0, 0, 0
-    for local in batches:
-        if max_batches is not None and count >= max_batches:
-            break
-        local = {k: np.asarray(local[k], dtype=d) for k, d in loop.BATCH_DTYPES.items()}
-        if step is None:
-            batch_size, seq_len = local["inputs"].shape
-            loop.check_batch_divisible(batch_size * jax.process_count(), 1, batch_sharding)
-            step = loop.compile_eval_step(params, param_shardings,
-                                          loop.abstract_batch(batch_size * jax.process_count(),
-                                                              seq_len, batch_sharding),
-                                          mesh, rules, apply_fn)
-        out = jax.device_get(step(params, sharding.global_batch(local, batch_sharding)))
-        loss_sum += float(out["loss_sum"])
-        tokens += int(out["tokens"])
-        if tokenizer is not None:
-            nbytes += target_bytes(tokenizer, local["targets"], local["loss_mask"])
-        count += 1
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("the evaluated split gave no batches; check the data config and the split "
+                        "name (e.g. evaluate.split='validation')")
+    local_rows, seq_len = np.shape(first["inputs"])
+    global_rows = local_rows * jax.process_count()
+    batch_layout = batch_sharding(mesh, rules)
+    step_lib.check_batch_divisible(global_rows, 1, batch_layout)
+    param_shardings = logical_shardings(param_logical_axes(config), mesh, rules)
+    eval_step = step_lib.compile_eval_step(
+        params, param_shardings, step_lib.abstract_batch(global_rows, seq_len, batch_layout),
+        mesh, rules, step_lib.hidden_apply_fn(Llama(config)))
+    nbytes = 0
+
+    def count_bytes(i: int, local: dict | None) -> None:
+        nonlocal nbytes
+        if tokenizer is not None and local is not None:
+            nbytes += target_bytes(tokenizer, np.asarray(local["targets"]), np.asarray(local["loss_mask"]))
+
+    as_arrays = ({k: np.asarray(b[k], dtype=d) for k, d in step_lib.BATCH_DTYPES.items()}
+                 for b in itertools.chain([first], batches))
+    loss_sum, tokens, count = step_lib.evaluate_batches(
+        eval_step, params, as_arrays, batch_layout, step_lib.blank_batch(local_rows, seq_len),
+        max_batches, on_batch=count_bytes)
     if tokens == 0:
         raise UserError("the evaluated split gave no target tokens; check the data config and "
                         "the split name (e.g. evaluate.split='validation')")
     loss = loss_sum / tokens
     bits_per_byte = None
-    if tokenizer is not None and nbytes:
+    if tokenizer is not None:
         # Per-process byte counts; summed over processes like the device-side token count.
         nbytes = _sum_over_processes(nbytes)
-        bits_per_byte = loss_sum / math.log(2) / nbytes
+        bits_per_byte = loss_sum / math.log(2) / nbytes if nbytes else None
     return EvalResult(loss=loss, perplexity=perplexity(loss), bits_per_byte=bits_per_byte,
                       tokens=tokens, bytes=nbytes if tokenizer is not None else None,
                       batches=count)

@@ -20,7 +20,7 @@ A row that emits a stop id is done: later steps write `pad_id` for it. Step i sa
 `fold_in(key(seed), i)` (and row r with a further `fold_in(., r)`), so a seed reproduces a
 generation however it is chunked. With a mesh, the
 batch and the cache's batch and kv_heads axes are sharded by the same logical axis rules as
-training (llamahome/parallel/rules.py); the batch is padded with copies of its first row to
+training (llamahome/parallel/mesh.py); the batch is padded with copies of its first row to
 a multiple of the devices the batch is split over.
 """
 
@@ -41,10 +41,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamahome.errors import UserError
 from llamahome.infer.samplers import SamplerConfig, Settings, sample, sampler_settings
-from llamahome.model.config import LlamaConfig
-from llamahome.model.kv_cache import KVCache, init_cache, left_padded_positions
-from llamahome.model.llama import Llama, unstack_layers
-from llamahome.parallel.rules import Rules
+from llamahome.model.kv_cache import KVCache, left_padded_positions
+from llamahome.model.llama import Llama, LlamaConfig, init_cache, unstack_layers
+from llamahome.parallel.mesh import Rules
 
 
 def _cache_axes(config: LlamaConfig) -> KVCache:

@@ -25,11 +25,11 @@ from absl import logging
 
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, tokenizer_from_spec
 from llamahome.errors import UserError
-from llamahome.infer.checkpoints import LoadedModel, load_model
 from llamahome.infer.generate import stream_generate
 from llamahome.infer.samplers import SamplerConfig
-from llamahome.model.config import LlamaConfig
-from llamahome.parallel.rules import Rules
+from llamahome.model.checkpoints import LoadedModel, load_model
+from llamahome.model.llama import LlamaConfig
+from llamahome.parallel.mesh import Rules
 
 Prompt = str | Sequence[dict]
 

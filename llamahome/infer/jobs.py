@@ -29,25 +29,22 @@ import gin
 from absl import logging
 
 from llamahome.cache import CacheManager
-from llamahome.config.gin_text import binding_statements, gin_bindings
-from llamahome.data.pipeline import make_data_iterator
-from llamahome.data import corpora  # noqa: F401  (registers the configurables runs' data bind)
+from llamahome.config.gin_config import binding_statements, gin_bindings
+from llamahome.data.pipeline import data_pipeline, make_data_iterator
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer, tokenizer_from_spec
 from llamahome.errors import ConfigError, DataError
+from llamahome.files import RunDir, write_text_atomic
 from llamahome.hub.registry import resolve_model_path
 from llamahome.infer import evaluate as evaluate_lib
-from llamahome.infer.checkpoints import LoadedModel, describe, load_model
 from llamahome.infer.generator import Completion, Generator, Prompt, generator_for
 from llamahome.infer.samplers import SamplerConfig
 from llamahome.jobs import job
-from llamahome.model.config import LlamaConfig
-from llamahome.monitor.writers import METRICS_FILE
+from llamahome.model.checkpoints import LoadedModel, describe, load_model
+from llamahome.model.llama import LlamaConfig
+from llamahome.monitor import MetricsWriter
 from llamahome.parallel import distributed
-from llamahome.parallel.mesh import build_mesh
-from llamahome.parallel.rules import axis_rules
+from llamahome.parallel.mesh import axis_rules, build_mesh
 
-GENERATIONS_FILE = "generations.jsonl"
-EVAL_RESULTS_FILE = "eval_results.json"
 DEFAULT_SEQ_LEN = 256
 
 
@@ -153,10 +150,9 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     logging.info("%d completions, %d new tokens in %.1f s", len(records), new_tokens,
                  time.perf_counter() - start)
     if distributed.is_coordinator():
-        out = Path(run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / GENERATIONS_FILE).open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        out = RunDir(run_dir)
+        out.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out.generations, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -226,7 +222,8 @@ def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
     text_tokenizer = eval_tokenizer(model, tokenizer)
     logging.info("evaluating %s on split %r of %s", describe(model), split, data)
     batches = make_data_iterator(split, global_batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                 tokenizer=text_tokenizer, cache_manager=CacheManager())
+                                 config=data_pipeline(), tokenizer=text_tokenizer,
+                                 cache_manager=CacheManager())
     result = evaluate_lib.evaluate_params(
         model.params, model.config, batches, mesh=mesh, rules=rules,
         tokenizer=text_tokenizer if bits_per_byte else None, max_batches=max_batches)
@@ -237,13 +234,12 @@ def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
                  "n/a" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}",
                  result.tokens, split, extent, batch_size, seq_len)
     if distributed.is_coordinator():
-        out = Path(run_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = RunDir(run_dir)
+        out.path.mkdir(parents=True, exist_ok=True)
         record = {"checkpoint": str(model.path), "step": model.step, "split": split,
                   **result.as_dict()}
-        (out / EVAL_RESULTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": model.step or 0, "time": time.time(), "split": "eval",
-                                "loss": result.loss, "perplexity": result.perplexity,
-                                "bits_per_byte": result.bits_per_byte}) + "\n")
+        write_text_atomic(out.eval_results, json.dumps(record, indent=2) + "\n")
+        metrics = MetricsWriter(out.path, total_steps=0, progress_bar=False)
+        metrics.eval(model.step or 0, result.loss, bits_per_byte=result.bits_per_byte)
+        metrics.close()
     return result.as_dict()

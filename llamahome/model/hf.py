@@ -7,7 +7,7 @@ A directory holds `config.json` and the weights as `model.safetensors` or sharde
 `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`. Pickle checkpoints
 (`pytorch_model*.bin`) are refused unless `allow_pickle=True` (then torch reads them with
 `weights_only=True`); remote code is never run. HF stores q/k in the same "rotate half" RoPE
-layout as rope.py, so weights are only transposed and reshaped, never permuted. Both the
+layout as attention.py, so weights are only transposed and reshaped, never permuted. Both the
 transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) config keys are read
 and written. Errors name the key or tensor at fault.
 """
@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llamahome.errors import CheckpointError, UserError
-from llamahome.model.config import LlamaConfig
-from llamahome.model.rope import inverse_frequencies
+from llamahome.model.attention import inverse_frequencies
+from llamahome.model.llama import LlamaConfig
 
 # Tensors that HF checkpoints may carry but that are computed, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

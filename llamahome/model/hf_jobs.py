@@ -26,14 +26,13 @@ from pathlib import Path
 import gin
 from absl import logging
 
-from llamahome import paths
-from llamahome.jobs import job
 from llamahome.data.tokenizer import TOKENIZER_FILES, TokenizerSpec, tokenizer_from_spec
+from llamahome.files import models_dir
+from llamahome.hub import download, storage
+from llamahome.jobs import job
 from llamahome.model import hf, params_io
-from llamahome.model.config import DTYPES, LlamaConfig, architecture_gin
-
-PARAMS_SUBDIR = "params"
-MODEL_GIN = "model.gin"
+from llamahome.model.checkpoints import MODEL_GIN, PARAMS_SUBDIR, describe, load_model
+from llamahome.model.llama import DTYPES, LlamaConfig, architecture_gin
 
 
 @job
@@ -42,7 +41,7 @@ def import_hf(run_dir: str, hf_dir: str = gin.REQUIRED, output_dir: str | None =
     """Converts a local HF Llama directory into <output_dir>/{params,model.gin}; returns output_dir."""
     config, params = hf.load_hf_checkpoint(hf_dir, allow_pickle=allow_pickle,
                                            param_dtype=param_dtype)
-    out = Path(output_dir).expanduser() if output_dir else paths.models_dir() / config.name
+    out = Path(output_dir).expanduser() if output_dir else models_dir() / config.name
     params_io.save_params(out / PARAMS_SUBDIR, params)
     copied = _copy_tokenizer(Path(hf_dir).expanduser(), out)
     if not any(name in copied for name in TOKENIZER_FILES[:2]):
@@ -109,9 +108,6 @@ def export_hf(run_dir: str, checkpoint: str = gin.REQUIRED, output_dir: str = gi
     With `register_as`, the export becomes a new version in the model registry, recorded as a
     fine-tune of `parent` (a registry ref such as 'llama3_2_1b@1') when given.
     """
-    from llamahome.hub import download, storage  # noqa: PLC0415  (hub builds on the model)
-    from llamahome.infer.checkpoints import describe, load_model  # noqa: PLC0415
-
     model = load_model(checkpoint, step=step, config=LlamaConfig())
     out = hf.save_hf_checkpoint(output_dir, model.config, model.params,
                                 dtype=DTYPES[dtype] if dtype else None)

@@ -1,6 +1,6 @@
 """A fixed-size key/value cache for decoding: prefill a prompt batch, then one token per step.
 
-    cache = init_cache(config, batch_size, max_len)
+    cache = init_cache(config, batch_size, max_len)     # llama.py: empty, compute dtype
     logits, cache = model.apply({"params": p}, tokens, positions, segment_ids, cache=cache)
 
 Shapes (a pytree, so it passes through `jax.jit` and can be donated):
@@ -28,8 +28,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from llamahome.model.config import LlamaConfig
-
 
 @flax.struct.dataclass
 class KVCache:
@@ -46,18 +44,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.segment_ids.shape[1]
-
-
-def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
-               dtype: jnp.dtype | None = None) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-    dtype = dtype or config.compute_dtype
-    layers = range(config.num_layers)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
 
 
 def left_padded_positions(segment_ids: jax.Array) -> jax.Array:

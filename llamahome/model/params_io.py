@@ -19,8 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llamahome.errors import CheckpointError
-from llamahome.model.config import LlamaConfig
-from llamahome.model.llama import param_shapes
+from llamahome.model.llama import LlamaConfig, param_shapes
 
 
 def save_params(path: str | os.PathLike, params: dict) -> Path:

@@ -1,26 +1,52 @@
-"""The device mesh: axes `data`, `fsdp`, `tensor`, sized in gin (`-1` = all remaining devices).
+"""The device mesh, the logical axis rules, and the shardings they give an array.
+
+Mesh: axes `data`, `fsdp`, `tensor`, sized in gin (`-1` = all remaining devices).
 
     build_mesh.data = 1
     build_mesh.fsdp = -1     # every device not used by the other axes
     build_mesh.tensor = 1
 
 `data` replicates parameters and splits the batch; `fsdp` splits the batch and shards
-parameters and optimizer state; `tensor` shards heads and the MLP inside each layer. Which
-logical names go on which axis is decided by the rules in `llamahome/parallel/rules.py`.
+parameters and optimizer state; `tensor` shards heads and the MLP inside each layer.
+
+Rules: the one table that maps the model's axis names onto mesh axes. The model names every
+parameter axis (vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm) and every
+activation axis (batch, length, embed, heads, kv_heads, mlp, vocab). A rule
+`(name, mesh_axes)` shards that axis over those mesh axes; names without a rule are
+replicated. Rules are tried in order and a mesh axis is used at most once per array, so
+`batch` (listed first) takes `fsdp` on activations while `embed` takes it on parameters.
+Presets, chosen in gin (`axis_rules.preset = "fsdp_tensor"`, see gin/train/parallel/):
+- `data_parallel`: batch split over every axis, parameters replicated.
+- `fsdp`: batch split over data x fsdp; parameters and optimizer state sharded on `embed`
+  over fsdp (ZeRO-3 style: gathered per layer in the forward and backward passes).
+- `fsdp_tensor`: fsdp plus Megatron-style tensor parallelism: heads, kv_heads, mlp and vocab
+  over `tensor`.
+
+Shardings: arrays are created directly sharded, never whole on one device.
+- `logical_shardings(specs, mesh, rules)`: PartitionSpecs of logical names -> NamedShardings.
+- `follow_params(...)`: optimizer-state leaves follow the parameter they belong to.
+- `init_sharded(fn, shardings, *args)`: `jax.jit(fn, out_shardings=...)`, so each device
+  computes only its own shard of the parameters / optimizer state.
+- `global_batch(local, sharding)`: each process hands over its rows of the global batch
+  (`jax.make_array_from_process_local_data`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llamahome.errors import ConfigError
+from llamahome.errors import ConfigError, did_you_mean
+
+# --- Mesh ---
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -55,3 +81,93 @@ def build_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+# --- Logical axis rules ---
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DATA_PARALLEL: Rules = (
+    ("batch", ("data", "fsdp", "tensor")),
+)
+FSDP: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+)
+FSDP_TENSOR: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+)
+PRESETS: dict[str, Rules] = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_tensor": FSDP_TENSOR}
+
+
+@gin.configurable
+def axis_rules(preset: str = "fsdp", rules: Sequence[Sequence[object]] | None = None) -> Rules:
+    """The rules of a named preset, or `rules` as given (a list of (name, mesh axes) pairs)."""
+    if rules is not None:
+        return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    if preset not in PRESETS:
+        raise ConfigError(f"axis_rules.preset={preset!r} is not a preset.{did_you_mean(preset, PRESETS)} "
+                          f"Presets: {', '.join(PRESETS)}; or bind axis_rules.rules")
+    return PRESETS[preset]
+
+
+# --- Shardings ---
+
+BATCH_AXES = ("batch", "length")  # every batch array is [batch, length]
+
+
+def logical_shardings(specs: Any, mesh: Mesh, rules: Rules) -> Any:
+    """A tree of PartitionSpecs over logical names -> a tree of NamedShardings on `mesh`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules)),
+                        specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """How a [batch, length] array is laid out on `mesh`."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _path_key(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def follow_params(tree_shapes: Any, params_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
+
+    A leaf whose path ends with a parameter's path and has that parameter's shape gets the
+    parameter's sharding (Adam's mu/nu, momentum); anything else (step counts, Adafactor's
+    factored row/column statistics) is replicated.
+    """
+    by_path = {}
+    for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(params_shapes)[0],
+                                       jax.tree.leaves(param_shardings)):
+        by_path[_path_key(path)] = (shape.shape, sharding)
+
+    def choose(path, leaf):
+        key = _path_key(path)
+        for start in range(len(key)):
+            match = by_path.get(key[start:])
+            if match and match[0] == leaf.shape:
+                return match[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(choose, tree_shapes)
+
+
+def init_sharded(fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
+    """Runs `fn(*args)` compiled so that its outputs are born with `shardings`."""
+    return jax.jit(fn, out_shardings=shardings)(*args)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows [global_batch / process_count, length] -> global jax.Arrays."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

@@ -3,7 +3,7 @@
 Each step holds three items:
 - `state`: the TrainState (step, params, opt_state, rng), saved sharded by every process;
 - `data_iter`: the data iterator state, one JSON file `shard_<k>-of-<K>.json` per data shard,
-  each written by the process that reads that shard (llamahome/parallel/data_shards.py), so a
+  each written by the process that reads that shard (llamahome/data/pipeline.py), so a
   step written by 2 processes restores on 1 that reads both shards (`train.data_shards=2`);
 - `config`: the gin config the run was started with, secrets redacted, as JSON {"gin_config": "..."};
   a resume compares it with the new run's (`config_changes`).
@@ -49,11 +49,11 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from etils import epath
 
-from llamahome.config.gin_text import binding_statements
+from llamahome.config.gin_config import binding_statements
+from llamahome.data.pipeline import ShardedIterator, as_sharded
 from llamahome.errors import CheckpointError
 from llamahome.files import write_text_atomic
 from llamahome.parallel import distributed
-from llamahome.parallel.data_shards import ShardedIterator, as_sharded
 from llamahome.secrets import REDACTED, redact_gin_config
 
 EVAL_LOSS = "eval_loss"

@@ -1,62 +1,336 @@
-"""Helpers of the train job (llamahome/train/job.py), each doing one thing.
+"""The `train` job: `python -m llamahome.launch --gin_file=gin/train/tiny_cpu.gin`.
 
-- `state_shardings`: where every leaf of the TrainState lives, from the model's logical names.
-- `restore_or_init`: a TrainState born sharded, from scratch, from a params checkpoint
-  (`init_from`), or from the run dir's newest checkpoint that verifies (auto-resume; corrupt
-  newer steps are named, set aside, and the resume falls back past them).
-- `compile_train_step` / `compile_eval_step`: the pure steps jit-compiled once, with shardings.
-- `evaluate`: mean loss over (a prefix of) the validation split, the same number of eval
-  steps on every process.
-- `StepReporter`: turns one step's metrics into the JSONL/TensorBoard/progress records,
-  one step behind the step being dispatched so the host never stalls the device.
-- `PreemptionSignal`: SIGTERM/SIGINT set a flag; the loop saves and leaves cleanly.
+`train` reads top to bottom: settings, mesh, data, model and optimizer, state (restored or
+fresh), the steps compiled once, reporting, then `run_loop`: step, report, eval, save. The
+pure steps and their compilation are in llamahome/train/step.py, next to this file.
+
+Settings are passed, not pulled: the model, data, mesh, axis rules, optimizer, checkpoint and
+cache are arguments of the job, bound in gin at the top (`train.model =
+@LlamaConfig()` and so on). Left unbound, each is its gin-configured constructor called here,
+once (`LlamaConfig.hidden_size = ...` in a gin file keeps working); nothing below this file
+reads gin. `optimizer` is a function like `build_optimizer` (the default) returning (optax
+optimizer, schedule) from (learning_rate, steps, decay_mask=..., horizons=...).
+
+Other settings: `data_shards` is how many readers split the data (default: the process count);
+keep it fixed to get the same batches, and resume the same checkpoints, on any number of
+hosts. `loss_chunk_length` is the positions per block of the output head + loss (0: the whole
+sequence); a divisor of `seq_len` bounds the live logits to [batch, block, vocab].
+`resume_with_changed_config` resumes a checkpoint whose gin config differs from this one in
+more than run-length settings (llamahome/train/checkpoint.py RESUMABLE_CHANGES).
+
+Resuming: the run dir's newest checkpoint that verifies is restored (auto-resume; corrupt
+newer steps are named, set aside, and the resume falls back past them); else the run starts
+fresh, or from the weights of `init_from`. SIGTERM or SIGINT mid-run saves a checkpoint and
+returns normally (status "preempted"); running the same command again continues from it.
+
+Multi-process (one process per host, llamahome/parallel/distributed.py): every process runs
+this same function. Each reads its data shards, takes part in every step, eval and checkpoint
+save, and agrees with the others after each step on whether a signal asked any of them to
+stop; only process 0 writes metrics and status. A `Watchdog` ends a process whose peers
+stopped answering.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import itertools
-import math
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
+from llamahome.cache import CacheManager
+from llamahome.data.pipeline import PipelineConfig, data_pipeline, make_data_iterator, open_shards
+from llamahome.data.tokenizer import load_tokenizer, save_run_tokenizer
 from llamahome.errors import CheckpointError, ConfigError, UserError
-from llamahome.monitor.mfu import mfu
-from llamahome.monitor.writers import MetricsWriter
-from llamahome.parallel import distributed, sharding
-from llamahome.parallel.rules import Rules
+from llamahome.files import RunDir, write_text_atomic
+from llamahome.hub.registry import resolve_model_path
+from llamahome.jobs import job
+from llamahome.model.checkpoints import load_params_for
+from llamahome.model.llama import (
+    Llama, LlamaConfig, checkpoint_vocab, fit_vocab, init_params, param_logical_axes, param_shapes,
+)
+from llamahome.monitor import Heartbeat, MetricsWriter, Profiler, mfu, peak_flops
+from llamahome.parallel import distributed
+from llamahome.parallel.distributed import Watchdog
+from llamahome.parallel.mesh import Rules, axis_rules, batch_sharding, build_mesh, global_batch, init_sharded
 from llamahome.train import step as step_lib
-from llamahome.train.checkpoint import NO_MANIFEST, Checkpointer, abstract_like
-from llamahome.train.state import TrainState, init_train_state
+from llamahome.train.checkpoint import NO_MANIFEST, CheckpointConfig, Checkpointer, abstract_like
+from llamahome.train.optim import build_optimizer, decay_mask, schedule_horizons
+from llamahome.train.step import TrainState, init_train_state
 
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
-                "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteLossError(UserError):
     """The loss or gradient norm became NaN/Inf (train.nan_policy = "stop")."""
 
 
-def state_shardings(params_shape: Any, param_specs: Any, optimizer: optax.GradientTransformation,
-                    mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
-    """(abstract TrainState, its shardings): params by logical name, optimizer state following them."""
-    param_shardings = sharding.logical_shardings(param_specs, mesh, rules)
-    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), params_shape)
-    shardings = TrainState(
-        step=sharding.replicated(mesh), params=param_shardings,
-        opt_state=sharding.follow_params(abstract.opt_state, params_shape, param_shardings, mesh),
-        rng=sharding.replicated(mesh))
-    return abstract, shardings
+@job
+def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int = 256,
+          learning_rate: float = 3e-4, gradient_accumulation_steps: int = 1, seed: int = 0,
+          eval_every: int = 500, eval_batches: int | None = 20, log_every: int = 1,
+          z_loss: float = 0.0, init_from: str | None = None, nan_policy: str = "stop",
+          progress_bar: bool = True, data_shards: int | None = None,
+          loss_chunk_length: int = 0, resume_with_changed_config: bool = False,
+          model: LlamaConfig | None = None, data: PipelineConfig | None = None,
+          mesh: Mesh | None = None, rules: Rules | None = None,
+          optimizer: Callable[..., tuple] | None = None, checkpoint: CheckpointConfig | None = None,
+          cache: CacheManager | None = None) -> dict:
+    """Trains `model` on the train split of `data` for `steps` optimizer steps (see module doc)."""
+    _check_settings(seq_len, loss_chunk_length, nan_policy)
+    # --- Settings: bound in gin at the top; each unbound one is its gin-configured default.
+    mesh, rules, data = mesh or build_mesh(), rules or axis_rules(), data or data_pipeline()
+    tokenizer, cache = load_tokenizer(), cache or CacheManager()  # tokenizer: load_tokenizer.path
+    checkpoint, optimizer = checkpoint or CheckpointConfig(), optimizer or build_optimizer
+    run, is_writer = RunDir(run_dir), distributed.is_coordinator()
 
+    # --- Mesh and data: the validation split is opened once and rewound for every eval.
+    batches = batch_sharding(mesh, rules)
+    step_lib.check_batch_divisible(batch_size, gradient_accumulation_steps, batches)
+    open_split = functools.partial(
+        open_shards, make_data_iterator, global_batch_size=batch_size, num_shards=data_shards,
+        seq_len=seq_len, seed=seed, config=data, tokenizer=tokenizer, cache_manager=cache)
+    train_iter = open_split("train")
+    validation = Validation(open_split("validation"), eval_batches) if eval_every else None
+
+    # --- Model and optimizer: the vocabulary and the schedule follow the checkpoint resumed.
+    ckpt = Checkpointer(run.checkpoints, checkpoint)
+    saved_config = _saved_config(ckpt, resume_step := newest_trusted_step(ckpt))
+    config = fit_vocab(model or LlamaConfig(), tokenizer.vocab_size, checkpoint_vocab(saved_config))
+    if is_writer:
+        save_run_tokenizer(run.path, tokenizer)  # the run dir alone is enough to evaluate it
+    apply_fn, param_specs = step_lib.hidden_apply_fn(Llama(config)), param_logical_axes(config)
+    tx, schedule = optimizer(learning_rate, steps, decay_mask=decay_mask(param_specs),
+                             horizons=schedule_horizons(steps, resume_step, saved_config))
+
+    # --- State: restored, loaded from init_from, or fresh; born sharded. Steps: compiled once.
+    abstract_state, shardings = step_lib.state_shardings(param_shapes(config), param_specs, tx,
+                                                         mesh, rules)
+    logging.info("%s: %s, %d params, mesh %s", run.path, describe_restore(ckpt, init_from),
+                 config.num_params(), dict(mesh.shape))
+    state = restore_or_init(ckpt, abstract_state, shardings, train_iter,
+                            init_params=lambda key: init_params(config, key), optimizer=tx,
+                            seed=seed, init_from=init_from and resolve_model_path(init_from, run_dir),
+                            load_params=lambda path, s: load_params_for(path, config, s),
+                            resume_with_changed_config=resume_with_changed_config)
+    train_step, eval_step = step_lib.compile_steps(
+        abstract_state, shardings, step_lib.abstract_batch(batch_size, seq_len, batches), mesh,
+        rules, apply_fn=apply_fn, optimizer=tx, schedule=schedule, z_loss=z_loss,
+        accum_steps=gradient_accumulation_steps, loss_chunk_length=loss_chunk_length)
+
+    # --- Reporting, then the loop.
+    reporter = _reporter(run, config, steps, int(state.step), batch_size, seq_len, progress_bar,
+                         nan_policy, log_every, ckpt)
+    loop = Loop(train_step, eval_step, train_iter, validation, batches, ckpt, checkpoint, reporter,
+                Profiler(_profile_dir(run)),
+                Watchdog(f"process {jax.process_index()} of {jax.process_count()}"),
+                step_lib.blank_batch(batch_size // jax.process_count(), seq_len), steps, eval_every)
+    state, status, eval_loss = run_loop(loop, state)
+    if is_writer:
+        write_text_atomic(run.cache_stats, json.dumps(cache.stats()))
+    logging.info("%s at step %d; checkpoints in %s", status, int(state.step), ckpt.directory)
+    return {"step": int(state.step), "status": status, "loss": reporter.last_loss,
+            "eval_loss": eval_loss if eval_loss is not None else float("nan")}
+
+
+def _reporter(run: RunDir, config: LlamaConfig, steps: int, start: int, batch_size: int,
+              seq_len: int, progress_bar: bool, nan_policy: str, log_every: int,
+              ckpt: Checkpointer) -> StepReporter:
+    """Process 0 writes metrics (with MFU against this host's peak) and heartbeats; the others check."""
+    peak, is_writer = peak_flops(str(config.dtype)), distributed.is_coordinator()
+    return StepReporter(
+        MetricsWriter(run.path, steps, start, progress_bar, str(peak)) if is_writer else None,
+        Heartbeat(run.path, steps, config.name) if is_writer else None,
+        batch_size * seq_len, config.flops_per_token(seq_len), peak.flops, nan_policy, log_every, ckpt)
+
+
+def _check_settings(seq_len: int, loss_chunk_length: int, nan_policy: str) -> None:
+    if loss_chunk_length and seq_len % loss_chunk_length:
+        raise ConfigError(f"train.loss_chunk_length={loss_chunk_length} does not divide "
+                          f"train.seq_len={seq_len}; use a divisor of it, or 0 for no blocks")
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"train.nan_policy={nan_policy!r}; use one of {NAN_POLICIES}")
+
+
+# --- The loop -------------------------------------------------------------------------------
+
+class Validation:
+    """The validation split, opened once: each eval rewinds it to its first batch."""
+
+    def __init__(self, batches: Any, max_batches: int | None):
+        self.batches, self.max_batches = batches, max_batches
+        self._start = batches.get_state()
+
+    def rewound(self) -> Iterator[dict]:
+        self.batches.set_state(self._start)
+        return self.batches
+
+
+@dataclasses.dataclass
+class Loop:
+    """What `run_loop` needs, built by `train`."""
+
+    train_step: Callable
+    eval_step: Callable
+    train_iter: Any
+    validation: Validation | None
+    batch_sharding: NamedSharding
+    ckpt: Checkpointer
+    checkpoint: CheckpointConfig
+    reporter: StepReporter
+    profiler: Profiler
+    watchdog: Watchdog
+    blank: dict
+    steps: int
+    eval_every: int
+
+
+def run_loop(loop: Loop, state: TrainState) -> tuple[TrainState, str, float | None]:
+    """Steps from `state` to `loop.steps`: step, report (one step behind), eval, save.
+
+    Returns (the last state, "finished" or "preempted", the last eval loss or None).
+    """
+    start, reporter, ckpt = int(state.step), loop.reporter, loop.ckpt
+    if jax.process_count() > 1:
+        loop.watchdog.start()  # stays on through the cleanup after an error: that may block on peers too
+    eval_loss, pending, stopped = None, None, False
+    try:
+        with PreemptionSignal() as preempted:
+            for step in range(start + 1, loop.steps + 1):
+                loop.profiler.before_step(step)
+                state, metrics = loop.train_step(state, global_batch(next(loop.train_iter),
+                                                                     loop.batch_sharding))
+                ckpt.poll()  # seals the last save, or stops here if it failed in the background
+                loop.profiler.after_step(step, metrics)
+                if pending:
+                    reporter.report(*pending)  # the previous step: the host never waits on this one
+                pending = (step, metrics)
+                stopped = distributed.any_process(preempted.received is not None)
+                eval_loss = _evaluate(loop, state, step) if loop.eval_every and step % loop.eval_every == 0 else None
+                if (step % loop.checkpoint.save_steps == 0 or step == loop.steps or stopped
+                        or (eval_loss is not None and loop.checkpoint.save_best)):
+                    ckpt.save(step, state, loop.train_iter, eval_loss)
+                reporter.beat(step)
+                loop.watchdog.kick(f"step {step}")
+                if stopped:
+                    break
+            if pending:
+                reporter.report(*pending)
+    except BaseException:
+        reporter.beat(int(pending[0]) if pending else start, "failed")
+        raise
+    finally:
+        loop.profiler.close()
+        ckpt.close()
+        reporter.close()
+    loop.watchdog.stop()
+    status = "preempted" if stopped else "finished"
+    reporter.beat(int(state.step), status)
+    return state, status, eval_loss
+
+
+def _evaluate(loop: Loop, state: TrainState, step: int) -> float:
+    """Mean validation loss of `state` at `step`, recorded by the reporter."""
+    validation = loop.validation
+    loss = step_lib.mean_eval_loss(
+        loop.eval_step, state.params, validation.rewound(), loop.batch_sharding, loop.blank,
+        validation.max_batches, on_batch=lambda i, _: loop.watchdog.kick(f"eval batch {i}"))
+    loop.reporter.eval(step, loss)
+    return loss
+
+
+class StepReporter:
+    """Times steps and writes their metrics and heartbeats; raises NonFiniteLossError under "stop"."""
+
+    def __init__(self, writer: MetricsWriter | None, heartbeat: Heartbeat | None,
+                 tokens_per_step: int, flops_per_token: float, peak_flops: float, nan_policy: str,
+                 log_every: int, ckpt: Checkpointer):
+        self.writer, self.heartbeat, self.tokens_per_step = writer, heartbeat, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.nan_policy, self.log_every, self.ckpt = nan_policy, log_every, ckpt
+        self.last_time = time.perf_counter()
+        self.last_loss = float("nan")
+
+    def report(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Blocks until step `step` is done, then records it."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time, self.last_time = now - self.last_time, now
+        if not values["finite"]:
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"loss {values['loss']} / grad norm {values['grad_norm']} at step {step} is not "
+                    f"finite; the update was not applied. {self._last_checkpoint()} Lower "
+                    "train.learning_rate, or set train.nan_policy='skip' to skip such updates")
+            logging.warning("step %d: non-finite loss %s, update skipped", step, values["loss"])
+        self.last_loss = values["loss"]
+        if self.writer is None or step % self.log_every:
+            return
+        tokens_per_sec = self.tokens_per_step / step_time
+        self.writer.train(step, {
+            "loss": values["loss"], "grad_norm": values["grad_norm"],
+            "learning_rate": values["learning_rate"], "tokens_per_sec": tokens_per_sec,
+            "step_time": step_time, "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
+            "tokens_seen": step * self.tokens_per_step})
+
+    def eval(self, step: int, loss: float) -> None:
+        if self.writer:
+            self.writer.eval(step, loss)
+
+    def beat(self, step: int, status: str | None = None) -> None:
+        """The heartbeat of `step`; a final `status` ("finished", "failed", ...) is always written."""
+        if self.heartbeat:
+            if status is None:
+                self.heartbeat.beat(step)
+            else:
+                self.heartbeat.beat(step, status, force=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+    def _last_checkpoint(self) -> str:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return "No checkpoint has been saved yet."
+        return f"The last checkpoint is step {step} in {self.ckpt.directory}."
+
+
+class PreemptionSignal:
+    """Within `with`, SIGTERM and SIGINT set `received` instead of killing the process."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.received = signum
+        logging.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+
+    def __enter__(self) -> PreemptionSignal:
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# --- Restoring ------------------------------------------------------------------------------
 
 def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, data_iter: Any,
                     init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
@@ -68,10 +342,10 @@ def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, dat
                                    resume_with_changed_config)
     if init_from:
         params = load_params(init_from, shardings.params)
-        make = functools.partial(init_train_state, optimizer=optimizer, seed=seed)
+        make = lambda p: init_train_state(p, optimizer, seed)  # noqa: E731
         return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
     fresh = lambda key: init_train_state(init_params(key), optimizer, seed)  # noqa: E731
-    return sharding.init_sharded(fresh, shardings, jax.random.key(seed))
+    return init_sharded(fresh, shardings, jax.random.key(seed))
 
 
 def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
@@ -81,9 +355,8 @@ def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
     A step without a manifest is trusted (with a warning) only when no older step has one: it
     predates checksums. After a sealed step, it is a step the run died before sealing.
     """
-    steps = ckpt.all_steps()
     problems: dict[int, str] = {}
-    for step in reversed(steps):
+    for step in reversed(ckpt.all_steps()):
         problem = step_problem(ckpt, step)
         if problem is None and not ckpt.is_sealed(step):
             logging.warning("checkpoint step %d is unverified: written before checksums (or the run "
@@ -136,136 +409,15 @@ def _check_config(ckpt: Checkpointer, step: int, resume_with_changed_config: boo
     logging.warning("resuming step %d with a changed config: %s", step, listed)
 
 
-def abstract_batch(batch_size: int, seq_len: int, batch_sharding: NamedSharding) -> dict:
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=batch_sharding)
-            for k, d in BATCH_DTYPES.items()}
-
-
-def compile_train_step(abstract_state: Any, shardings: Any, batch: dict, mesh: Mesh, rules: Rules,
-                       **step_kwargs: Any) -> jax.stages.Compiled:
-    """train_step bound to model/optimizer and compiled once; the state argument is donated."""
-    fn = functools.partial(step_lib.train_step, **step_kwargs)
-    batch_shardings = {k: v.sharding for k, v in batch.items()}
-    return step_lib.compile_step(fn, (abstract_like(abstract_state, shardings), batch),
-                                 (shardings, batch_shardings), (shardings, sharding.replicated(mesh)),
-                                 mesh, rules, donate_argnums=(0,))
-
-
-def compile_eval_step(abstract_params: Any, param_shardings: Any, batch: dict, mesh: Mesh,
-                      rules: Rules, apply_fn: step_lib.ApplyFn) -> jax.stages.Compiled:
-    fn = functools.partial(step_lib.eval_step, apply_fn=apply_fn)
-    batch_shardings = {k: v.sharding for k, v in batch.items()}
-    return step_lib.compile_step(fn, (abstract_like(abstract_params, param_shardings), batch),
-                                 (param_shardings, batch_shardings), sharding.replicated(mesh),
-                                 mesh, rules)
-
-
-def blank_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
-    """[rows, seq_len] of padding (segment 0, loss_mask 0): adds nothing to a loss."""
-    return {k: np.zeros((rows, seq_len), d) for k, d in BATCH_DTYPES.items()}
-
-
-def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding,
-             max_batches: int | None, blank: dict[str, np.ndarray],
-             on_batch: Callable[[int], None] = lambda i: None) -> float:
-    """Mean loss over every token with loss_mask > 0 in up to `max_batches` validation batches.
-
-    Processes can hold different numbers of validation batches: every eval step is a
-    collective, so all go on while any has a batch left, the others feeding `blank` rows.
-    """
-    loss_sum, tokens = jnp.float32(0), jnp.float32(0)
-    for i in itertools.count():
-        if max_batches is not None and i >= max_batches:
-            break
-        local = next(batches, None)
-        if not distributed.any_process(local is not None):
-            break
-        out = eval_step(params, sharding.global_batch(blank if local is None else local, batch_sharding))
-        loss_sum, tokens = loss_sum + out["loss_sum"], tokens + out["tokens"]
-        on_batch(i)
-    tokens = float(tokens)
-    if tokens == 0:
-        raise UserError("the validation split gave no tokens to evaluate; add validation data or "
-                        "set train.eval_every=0")
-    return float(loss_sum) / tokens
-
-
-class StepReporter:
-    """Times steps and writes their metrics; raises NonFiniteLossError under nan_policy "stop"."""
-
-    def __init__(self, writer: MetricsWriter | None, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, nan_policy: str, log_every: int, ckpt: Checkpointer):
-        self.writer, self.tokens_per_step = writer, tokens_per_step
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.nan_policy, self.log_every, self.ckpt = nan_policy, log_every, ckpt
-        self.last_time = time.perf_counter()
-        self.last_loss = float("nan")
-
-    def report(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        """Blocks until step `step` is done, then records it."""
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        step_time, self.last_time = now - self.last_time, now
-        if not values["finite"]:
-            if self.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"loss {values['loss']} / grad norm {values['grad_norm']} at step {step} is not "
-                    f"finite; the update was not applied. {self._last_checkpoint()} Lower "
-                    "train.learning_rate, or set train.nan_policy='skip' to skip such updates")
-            logging.warning("step %d: non-finite loss %s, update skipped", step, values["loss"])
-        self.last_loss = values["loss"]
-        if self.writer is None or step % self.log_every:
-            return
-        tokens_per_sec = self.tokens_per_step / step_time
-        self.writer.train(step, {
-            "loss": values["loss"], "grad_norm": values["grad_norm"],
-            "learning_rate": values["learning_rate"], "tokens_per_sec": tokens_per_sec,
-            "step_time": step_time, "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
-            "tokens_seen": step * self.tokens_per_step})
-
-    def _last_checkpoint(self) -> str:
-        step = self.ckpt.latest_step()
-        if step is None:
-            return "No checkpoint has been saved yet."
-        return f"The last checkpoint is step {step} in {self.ckpt.directory}."
-
-
-class PreemptionSignal:
-    """Within `with`, SIGTERM and SIGINT set `received` instead of killing the process."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.received = signum
-        logging.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
-
-    def __enter__(self) -> PreemptionSignal:
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def check_batch_divisible(batch_size: int, accum_steps: int, batch_sharding: NamedSharding) -> None:
-    """Each microbatch must split evenly over the devices that share the batch."""
-    spec = batch_sharding.spec[0]
-    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
-    shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
-    if accum_steps < 1 or batch_size % accum_steps or (batch_size // accum_steps) % shards:
-        raise UserError(f"train.batch_size={batch_size} with gradient_accumulation_steps={accum_steps} "
-                        f"gives microbatches of {batch_size / max(accum_steps, 1):g} rows, which must be a "
-                        f"whole multiple of the {shards} devices the batch is split over ({axes}); "
-                        "change the batch size, the accumulation steps or the mesh")
+def _saved_config(ckpt: Checkpointer, step: int | None) -> str | None:
+    """The gin config saved with `step`, or None (no step, or unreadable: the restore says why)."""
+    if step is None:
+        return None
+    try:
+        return ckpt.saved_config(step)
+    except Exception as e:  # noqa: BLE001  (a corrupt step is the restore's to report)
+        logging.warning("could not read the config saved with step %d: %s", step, e)
+        return None
 
 
 def describe_restore(ckpt: Checkpointer, init_from: str | None = None) -> str:
@@ -276,3 +428,8 @@ def describe_restore(ckpt: Checkpointer, init_from: str | None = None) -> str:
     if init_from:
         return f"starting from the weights of {init_from} (fresh optimizer state)"
     return "starting from scratch (random weights)"
+
+
+def _profile_dir(run: RunDir) -> Path:
+    """Process 0 traces into profile/, the others into profile/process_<i>/."""
+    return run.profile if distributed.is_coordinator() else run.profile / f"process_{jax.process_index()}"

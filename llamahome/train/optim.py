@@ -7,8 +7,9 @@
     adamw.weight_decay = 0.1
     warmup_cosine.warmup_steps = 100
 
-The chain is: clip by global norm -> optimizer with decoupled weight decay, which is masked
-off norms and biases (`decay_mask`). The peak learning rate and the step count come from the
+The chain is: clip by global norm -> optimizer with weight decay (decoupled for AdamW, Lion and
+Adafactor; L2 through momentum for SGD, as torch.optim.SGD), masked off norms and biases
+(`decay_mask`). The peak learning rate and the step count come from the
 train job (`train.learning_rate`, `train.steps`). Gradient accumulation happens in the train
 step (llamahome/train/step.py), not here.
 
@@ -34,7 +35,7 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec
 
-from llamahome.config.gin_text import gin_bindings
+from llamahome.config.gin_config import gin_bindings
 
 Mask = Any  # a pytree of bools like params, or a function params -> that tree
 Resume = tuple[int, float]  # (step, the learning rate the old plan gives it)
@@ -160,7 +161,7 @@ def adafactor(learning_rate: optax.Schedule, decay_mask: Mask, decay_rate: float
 @gin.configurable
 def sgd(learning_rate: optax.Schedule, decay_mask: Mask, momentum: float = 0.9,
         nesterov: bool = False, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and decoupled weight decay."""
+    """SGD with (Nesterov) momentum; weight decay adds L2 to the gradient first, as torch.optim.SGD."""
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
                        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
 

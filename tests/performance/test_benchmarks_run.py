@@ -14,13 +14,15 @@ pytestmark = [pytest.mark.performance, pytest.mark.slow]
 
 CASES = {
     "peak": (["benchmarks/peak.py", "--sizes", "256", "--repeats", "2"], ["measured_f32_flops", "measured_bf16_flops"]),
-    "train_step": (["benchmarks/train_step.py", "--config", "small", "--dtype", "float32",
+    "train_step": (["benchmarks/train_step.py", "--config", "d256x4", "--dtype", "float32",
                     "--steps", "1", "--warmup", "1"], ["tokens_per_sec", "mfu", "step_time_s"]),
     "data_pipeline": (["benchmarks/data_pipeline.py", "--mb", "0.5", "--workers", "1",
                        "--read_seconds", "0.5"],
                       ["cache_build_tokens_per_sec", "pipeline_read_tokens_per_sec"]),
-    "compare_torch": (["benchmarks/compare_torch.py", "--config", "small", "--rounds", "1",
+    "compare_torch": (["benchmarks/compare_torch.py", "--config", "d256x4", "--rounds", "1",
                        "--warmup", "1"], ["ratio"]),
+    "checkpoint": (["benchmarks/checkpoint.py", "--config", "d256x4", "--repeats", "1"],
+                   ["state_mb", "save_mb_per_s", "restore_mb_per_s", "copy_mb_per_s"]),
     "generate": (["benchmarks/generate.py", "--model", "gin/models/tiny.gin", "--prompt_len", "8",
                   "--new_tokens", "4", "--batches", "1", "--repeats", "1"], []),
 }
@@ -33,7 +35,19 @@ def test_benchmark_prints_its_json_line(name):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, result.stdout[-2000:]
+    if name == "checkpoint":  # one line: the state saved and restored bit-equal
+        assert len(lines) == 1 and lines[0]["benchmark"] == "checkpoint", lines
+        assert lines[0]["restored_equal"] is True and lines[0]["repeats"] == 1
     for key in keys:
         values = [line[key] for line in lines if key in line]
         assert values, f"{name}: no {key!r} in {lines}"
         assert all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.parametrize("old,new", [("small", "d256x4"), ("medium", "d512x8")])
+def test_old_benchmark_config_name_fails_naming_the_new_one(old, new):
+    """The configs were renamed (issue 16): gin/models/small.gin is a different shape."""
+    result = run_python(["benchmarks/train_step.py", "--config", old], env={"XLA_FLAGS": ""},
+                        timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"config {old!r} was renamed {new!r}" in result.stderr.splitlines()[-1]

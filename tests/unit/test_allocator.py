@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamahome import allocator
+from llamahome import launch
 from llamahome.errors import ConfigError
 from tests.conftest import run_python
 
@@ -28,88 +28,88 @@ def test_auto_prefers_mimalloc_then_tcmalloc_then_jemalloc_then_glibc(tmp_path):
     both = _libs(tmp_path / "both", "libjemalloc.so.2", "libtcmalloc_minimal.so.4")
     only_je = _libs(tmp_path / "je", "libjemalloc.so.2")
     empty = _libs(tmp_path / "empty")
-    assert allocator.resolve("auto", [empty, every]) == (every / "libmimalloc.so.3").resolve()
+    assert launch.resolve_allocator("auto", [empty, every]) == (every / "libmimalloc.so.3").resolve()
     # The kind decides, not the directory order: mimalloc in a later directory still wins.
-    assert allocator.resolve("auto", [both, every]) == (every / "libmimalloc.so.3").resolve()
-    assert allocator.resolve("auto", [empty, both]) == (both / "libtcmalloc_minimal.so.4").resolve()
-    assert allocator.resolve("auto", [only_je]) == (only_je / "libjemalloc.so.2").resolve()
-    assert allocator.resolve("auto", [empty]) is None
-    assert allocator.resolve("system", [every]) is None
-    assert allocator.resolve("tcmalloc", [every]) == (every / "libtcmalloc_minimal.so.4").resolve()
+    assert launch.resolve_allocator("auto", [both, every]) == (every / "libmimalloc.so.3").resolve()
+    assert launch.resolve_allocator("auto", [empty, both]) == (both / "libtcmalloc_minimal.so.4").resolve()
+    assert launch.resolve_allocator("auto", [only_je]) == (only_je / "libjemalloc.so.2").resolve()
+    assert launch.resolve_allocator("auto", [empty]) is None
+    assert launch.resolve_allocator("system", [every]) is None
+    assert launch.resolve_allocator("tcmalloc", [every]) == (every / "libtcmalloc_minimal.so.4").resolve()
 
 
 def test_the_pip_installed_mimalloc_is_searched_first():
     pip_dir = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib"
-    assert allocator.search_dirs()[0] == pip_dir
+    assert launch.library_search_dirs()[0] == pip_dir
 
 
 def test_a_symlinked_library_resolves_to_the_file_the_process_maps(tmp_path):
     real = _libs(tmp_path / "lib", "libtcmalloc_minimal.so.4.5.10") / "libtcmalloc_minimal.so.4.5.10"
     (tmp_path / "lib" / "libtcmalloc_minimal.so.4").symlink_to(real.name)
-    assert allocator.resolve("auto", [tmp_path / "lib"]) == real.resolve()
-    assert allocator.resolve("tcmalloc", [tmp_path / "lib"]) == real.resolve()
-    assert allocator.kind_of(real) == "tcmalloc"
+    assert launch.resolve_allocator("auto", [tmp_path / "lib"]) == real.resolve()
+    assert launch.resolve_allocator("tcmalloc", [tmp_path / "lib"]) == real.resolve()
+    assert launch.allocator_kind(real) == "tcmalloc"
 
 
 def test_named_library_that_is_missing_says_how_to_install_it(tmp_path):
     with pytest.raises(ConfigError, match="LLAMAHOME_MALLOC=tcmalloc.*apt install "
                        "libtcmalloc-minimal4.*LLAMAHOME_MALLOC=system"):
-        allocator.resolve("tcmalloc", [tmp_path])
+        launch.resolve_allocator("tcmalloc", [tmp_path])
     with pytest.raises(ConfigError, match="libjemalloc2"):
-        allocator.resolve("jemalloc", [tmp_path])
+        launch.resolve_allocator("jemalloc", [tmp_path])
     with pytest.raises(ConfigError, match="LLAMAHOME_MALLOC=mimalloc.*pip install cmeel-mimalloc"):
-        allocator.resolve("mimalloc", [tmp_path])
+        launch.resolve_allocator("mimalloc", [tmp_path])
 
 
 def test_bad_values_are_named(tmp_path):
     with pytest.raises(ConfigError,
                        match="'tcmaloc' is not one of auto, mimalloc, tcmalloc, jemalloc, system"):
-        allocator.resolve("tcmaloc", [tmp_path])
+        launch.resolve_allocator("tcmaloc", [tmp_path])
     with pytest.raises(ConfigError, match="no such file"):
-        allocator.resolve(str(tmp_path / "libmine.so"), [tmp_path])
+        launch.resolve_allocator(str(tmp_path / "libmine.so"), [tmp_path])
     mine = _libs(tmp_path, "libmine.so") / "libmine.so"
-    assert allocator.resolve(str(mine), [tmp_path]) == mine.resolve()
+    assert launch.resolve_allocator(str(mine), [tmp_path]) == mine.resolve()
 
 
 def test_active_reads_system_when_the_library_is_not_mapped(monkeypatch):
     monkeypatch.setenv("LLAMAHOME_MALLOC_ACTIVE", "/nowhere/libtcmalloc_minimal.so.4")
-    assert allocator.active() == "system" and allocator.name() == "system"
+    assert launch.active_allocator() == "system" and launch.allocator_name() == "system"
     monkeypatch.setenv("LLAMAHOME_MALLOC", "auto")
     if sys.platform.startswith("linux"):
-        assert allocator.describe().startswith("glibc malloc (auto found no mimalloc")
-        assert "apt" not in allocator.describe()
+        assert launch.describe_allocator().startswith("glibc malloc (auto found no mimalloc")
+        assert "apt" not in launch.describe_allocator()
     monkeypatch.setenv("LLAMAHOME_MALLOC", "system")
-    assert allocator.describe() == "system malloc"
+    assert launch.describe_allocator() == "system malloc"
 
 
 def test_choice_reads_the_environment_then_dotenv(tmp_path):
     dotenv = tmp_path / ".env"
-    assert allocator.choice({}, dotenv) == "auto"
+    assert launch.allocator_choice({}, dotenv) == "auto"
     dotenv.write_text("LLAMAHOME_MALLOC=system\n")
-    assert allocator.choice({}, dotenv) == "system"
-    assert allocator.choice({"LLAMAHOME_MALLOC": "jemalloc"}, dotenv) == "jemalloc"
+    assert launch.allocator_choice({}, dotenv) == "system"
+    assert launch.allocator_choice({"LLAMAHOME_MALLOC": "jemalloc"}, dotenv) == "jemalloc"
 
 
 def test_reexec_env_prepends_the_library_and_keeps_user_settings():
     tc = Path("/x/libtcmalloc_minimal.so.4")
-    env = allocator.reexec_env(tc, {"LD_PRELOAD": "/y/libother.so", "PATH": "/bin"})
+    env = launch.preload_env(tc, {"LD_PRELOAD": "/y/libother.so", "PATH": "/bin"})
     assert env["LD_PRELOAD"] == "/x/libtcmalloc_minimal.so.4 /y/libother.so"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     assert env["LLAMAHOME_MALLOC_ACTIVE"] == str(tc) and env["PATH"] == "/bin"
-    assert allocator.reexec_env(Path("/x/libmimalloc.so.3"), {})["MIMALLOC_PURGE_DELAY"] == "-1"
-    mi = allocator.reexec_env(Path("/x/libmimalloc.so.3"), {"MIMALLOC_PURGE_DELAY": "500"})
+    assert launch.preload_env(Path("/x/libmimalloc.so.3"), {})["MIMALLOC_PURGE_DELAY"] == "-1"
+    mi = launch.preload_env(Path("/x/libmimalloc.so.3"), {"MIMALLOC_PURGE_DELAY": "500"})
     assert mi["MIMALLOC_PURGE_DELAY"] == "500"
-    je = allocator.reexec_env(Path("/x/libjemalloc.so.2"), {"MALLOC_CONF": "narenas:1"})
+    je = launch.preload_env(Path("/x/libjemalloc.so.2"), {"MALLOC_CONF": "narenas:1"})
     assert je["MALLOC_CONF"] == "narenas:1"
-    assert "oversize_threshold:0" in allocator.reexec_env(Path("/x/libjemalloc.so.2"), {})["MALLOC_CONF"]
+    assert "oversize_threshold:0" in launch.preload_env(Path("/x/libjemalloc.so.2"), {})["MALLOC_CONF"]
 
 
 PROBE = """
 import json, os, sys
-from llamahome import allocator
-allocator.reexec()
+from llamahome import launch
+launch.reexec_under_allocator()
 maps = open(f"/proc/{os.getpid()}/maps").read()
-print(json.dumps({"argv": sys.argv[1:], "active": allocator.active(), "name": allocator.name(),
+print(json.dumps({"argv": sys.argv[1:], "active": launch.active_allocator(), "name": launch.allocator_name(),
                   "mapped": [p for p in os.environ.get("LD_PRELOAD", "").split() if p in maps]}))
 """
 
@@ -126,7 +126,7 @@ def _probe(tmp_path: Path, value: str) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_reexec_preloads_the_library_and_keeps_the_command_line(tmp_path):
     libm = ctypes.util.find_library("m")
-    candidates = [d / libm for d in allocator.search_dirs()] if libm else []
+    candidates = [d / libm for d in launch.library_search_dirs()] if libm else []
     library = next((p for p in candidates if p.is_file()), None)
     if library is None:
         pytest.skip("no libm file to preload")
@@ -140,8 +140,8 @@ def test_reexec_preloads_the_library_and_keeps_the_command_line(tmp_path):
 
 KEEP_PROBE = """
 import ctypes, json, resource, sys
-from llamahome import allocator
-allocator.reexec()
+from llamahome import launch
+launch.reexec_under_allocator()
 libc = ctypes.CDLL(None)  # malloc and free as the process resolves them: the preloaded ones
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -152,7 +152,7 @@ for _ in range(3):  # like a train step: one large block, written, freed, asked 
     ctypes.memset(block, 1, 256 << 20)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     libc.free(block)
-print(json.dumps({"name": allocator.name(), "faults": faults}))
+print(json.dumps({"name": launch.allocator_name(), "faults": faults}))
 """
 
 
@@ -177,7 +177,7 @@ def test_auto_runs_under_the_pip_installed_mimalloc_and_keeps_a_freed_block(tmp_
     assert system["name"] == "system" and min(system["faults"][1:]) > 10_000, system
 
 
-@pytest.mark.skipif(allocator.find_library("tcmalloc") is None,
+@pytest.mark.skipif(launch.find_allocator("tcmalloc") is None,
                     reason="no tcmalloc here (apt install libtcmalloc-minimal4)")
 def test_tcmalloc_stays_usable_when_installed(tmp_path):
     got = _probe(tmp_path, "tcmalloc")
@@ -195,7 +195,7 @@ def test_launch_reports_a_bad_choice_without_a_traceback(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_launch_logs_the_allocator_it_runs_under(tmp_path):
-    expected = next((kind for kind in allocator.AUTO_ORDER if allocator.find_library(kind)), "system")
+    expected = next((kind for kind in launch.ALLOCATOR_AUTO_ORDER if launch.find_allocator(kind)), "system")
     result = run_python(["-m", "llamahome.launch", "--gin_file=gin/jobs/env_info.gin",
                          f"--gin_param=launch.run_dir='{tmp_path / 'run'}'"],
                         env={"XLA_FLAGS": "", "LLAMAHOME_MALLOC": "auto"}, cwd=tmp_path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llamahome import run_lock
+from llamahome import files
 from tests.conftest import REPO, sp_tokenizer_path, tiny_train_params, write_word_corpus
 
 pytestmark = [pytest.mark.integration]
@@ -69,7 +69,7 @@ def first_run(workdir):
                         f"HF_TOKEN='{HF_TOKEN}'", f"MIRROR_URL='{SIGNED_URL}'")
     first = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    lock = run_dir / run_lock.LOCK_FILE
+    lock = run_dir / files.RunDir.LOCK_FILE
     deadline = time.time() + 240
     while not (lock.exists() and lock.read_text() and (run_dir / "config.gin").exists()):
         assert first.poll() is None, first.stderr.read()[-3000:]
@@ -104,7 +104,7 @@ def test_the_first_training_is_unaffected(first_run):
     assert steps == list(range(1, STEPS + 1))  # each step once
     assert (run_dir / "config.gin").read_text() == first_run["config_before"]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
-    assert (run_dir / run_lock.LOCK_FILE).read_text() == ""  # released
+    assert (run_dir / files.RunDir.LOCK_FILE).read_text() == ""  # released
 
 
 def test_configs_and_logs_hold_no_token_or_url_credential(first_run):
@@ -127,12 +127,12 @@ def test_config_gin_of_a_run_dir_reruns_the_run(workdir, first_run):
     rerun_dir = workdir / "rerun"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from llamahome import run_lock; run_lock.acquire(Path(sys.argv[1])); print(flush=True); "
+         "from llamahome import files; files.acquire(Path(sys.argv[1])); print(flush=True); "
          "time.sleep(600)", str(rerun_dir)], env=ENV, cwd=REPO, stdout=subprocess.PIPE, text=True)
     holder.stdout.readline()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    assert json.loads((rerun_dir / run_lock.LOCK_FILE).read_text())["pid"] == holder.pid
+    assert json.loads((rerun_dir / files.RunDir.LOCK_FILE).read_text())["pid"] == holder.pid
     result = launch([sys.executable, "-m", "llamahome.launch", f"--gin_file={config}",
                      f"--gin_param=launch.run_dir='{rerun_dir}'"])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,10 +8,10 @@ from pathlib import Path
 import gin
 import pytest
 
-from llamahome import cli, secrets
+from llamahome import cli, files, secrets
 from llamahome.config import gin_config
-from llamahome.config.env import env_bindings, load_dotenv, parse_dotenv
-from llamahome.config.toml import parse_byte_size, toml_to_bindings
+from llamahome.config.gin_config import (env_bindings, load_dotenv, parse_byte_size, parse_dotenv,
+                                         toml_to_bindings)
 from llamahome.errors import ConfigError
 from llamahome.jobs import JOBS, job
 from llamahome.parallel import distributed
@@ -140,7 +140,7 @@ def test_missing_gin_file_is_named():
 def test_secrets_are_redacted_from_saved_configs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_supersecret_value")
     config = "download.hf_token = 'abc'\nprobe.name = 'hf_supersecret_value'\nprobe.steps = 1\n"
-    path = cli.save_config(tmp_path, "config.gin", config)
+    path = files.save_config(tmp_path, "config.gin", config)
     text = path.read_text()
     assert "hf_supersecret_value" not in text and "abc" not in text
     assert "probe.steps = 1" in text and secrets.REDACTED in text
@@ -163,7 +163,8 @@ def probe_with_outputs(run_dir: str) -> str:
 
 
 def test_only_jobs_with_outputs_get_a_run_dir_under_the_dotenv_runs_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv("LLAMAHOME_RUNS_DIR", raising=False)
+    monkeypatch.setenv("LLAMAHOME_RUNS_DIR", "")  # so that the undo removes what .env sets
+    monkeypatch.delenv("LLAMAHOME_RUNS_DIR")
     monkeypatch.setattr(distributed, "initialize", lambda: None)
     env_file = _write(tmp_path / ".env", f"LLAMAHOME_RUNS_DIR={tmp_path / 'runs'}\n")
     for gin_file in ("gin/jobs/env_info.gin", "gin/jobs/models.gin"):
@@ -177,6 +178,21 @@ def test_only_jobs_with_outputs_get_a_run_dir_under_the_dotenv_runs_dir(tmp_path
     assert run_dir.parent == tmp_path / "runs"
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".lock", "config.gin", "operative_config.gin", "out.txt"]
+
+
+@job
+def probe_that_fails(run_dir: str, steps: int = 1) -> None:
+    probe(steps=steps)
+    raise RuntimeError("the job broke")
+
+
+def test_the_operative_config_is_written_also_when_the_job_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "initialize", lambda: None)
+    cli.bind_all([], ["launch.job=@probe_that_fails", "probe.name='used'",
+                      f"launch.run_dir='{tmp_path / 'run'}'"], None, None)
+    with pytest.raises(RuntimeError, match="the job broke"):
+        cli.launch()
+    assert "probe.name = 'used'" in (tmp_path / "run" / "operative_config.gin").read_text()
 
 
 def test_a_bound_run_dir_is_used_even_by_a_job_without_outputs(tmp_path, monkeypatch):

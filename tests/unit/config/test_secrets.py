@@ -8,9 +8,8 @@ import logging
 import gin
 import pytest
 
-from llamahome import cli, secrets
-from llamahome.config import gin_text
-from llamahome.config.env import parse_dotenv
+from llamahome import cli, files, secrets
+from llamahome.config.gin_config import gin_statements, parse_dotenv
 from llamahome.errors import ConfigError
 
 R = secrets.REDACTED
@@ -112,14 +111,14 @@ def test_redacted_gin_config_parses_and_binds_the_same_non_secret_values():
     ("a.b = 'it\\'s ('\n# c\n\n", ["a.b = 'it\\'s ('\n", "# c\n", "\n"]),
 ])
 def test_gin_statements(config, statements):
-    assert gin_text.gin_statements(config) == statements
+    assert gin_statements(config) == statements
 
 
 def test_saved_config_is_redacted_and_names_what_to_give_again(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_supersecret_value")
     config = ("download.hf_token = 'abc'\nprobe.name = 'hf_supersecret_value'\n"
               "load_tokenizer.bos_token = '<s>'\nTOKENIZER = 'tok.model'\n")
-    text = cli.save_config(tmp_path, "config.gin", config).read_text()
+    text = files.save_config(tmp_path, "config.gin", config).read_text()
     assert text == (f"download.hf_token = '{R}'\nprobe.name = '{R}'\n"
                     "load_tokenizer.bos_token = '<s>'\nTOKENIZER = 'tok.model'\n")
 

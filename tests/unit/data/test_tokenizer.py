@@ -7,7 +7,8 @@ import json
 import pytest
 import sentencepiece
 
-from llamahome.data.tokenizer import document_bos, load_tokenizer
+from llamahome.data.tokenizer import (document_bos, load_tokenizer, run_tokenizer, save_run_tokenizer,
+                                      tokenizer_from_spec, train_bpe_tokenizer)
 from llamahome.errors import DataError
 
 TEXT = "To be, or not to be: that is the question."
@@ -154,3 +155,18 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_the_run_dir_copy_loads_the_same_tokenizer(tmp_path):
+    folder = train_bpe_tokenizer(["to be or not to be that is the question"] * 50,
+                                 tmp_path / "cache-entry", vocab_size=300)
+    original = load_tokenizer(str(folder), pad_token="<pad>")
+    save_run_tokenizer(tmp_path / "run", original)
+    (folder / "tokenizer.json").unlink()  # the cache entry is gone: the run still has its copy
+    spec = run_tokenizer(tmp_path / "run")
+    assert spec.pad_token == "<pad>"
+    copy = tokenizer_from_spec(spec)
+    text = "to be, or not to be"
+    assert (copy.vocab_size, copy.encode(text), copy.pad_id) == (
+        original.vocab_size, original.encode(text), original.pad_id)
+    assert run_tokenizer(tmp_path / "elsewhere") is None

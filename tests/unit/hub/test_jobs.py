@@ -42,9 +42,10 @@ def test_download_job_never_writes_or_logs_the_token(tmp_path, python_runner, mo
     ok = launch(python_runner, tmp_path, *common, "download_model.source='hf://org/tiny'",
                 f"launch.run_dir='{run_dir}'")
     assert ok.returncode == 0, ok.stderr
-    failed = launch(python_runner, tmp_path, *common, "download_model.source='hf://org/absent'",
+    # a token pasted where a repo name goes: the job logs it, raises it and saves it in config.gin
+    failed = launch(python_runner, tmp_path, *common, f"download_model.source='hf://org/{TOKEN}'",
                     f"launch.run_dir='{tmp_path / 'run2'}'")
-    assert failed.returncode == 2 and "error: hf://org/absent" in failed.stderr
+    assert failed.returncode == 2
     # the job ran with the token in its environment, read from .env ...
     assert "Hugging Face token set" in ok.stderr
     assert "holds secrets but has permissions 644" in ok.stderr
@@ -52,8 +53,13 @@ def test_download_job_never_writes_or_logs_the_token(tmp_path, python_runner, mo
     written = all_text(run_dir, tmp_path / "run2", models_dir)
     logs = ok.stdout + ok.stderr + failed.stdout + failed.stderr
     assert TOKEN not in written and TOKEN not in logs
+    # ... though the failed run did log it, raise it and save it, each time redacted:
+    assert "hf://org/<redacted>: Hugging Face token set" in failed.stderr
+    assert "error: hf://org/<redacted>@main: " in failed.stderr
+    saved = (tmp_path / "run2" / "config.gin").read_text()
+    assert "download_model.source = 'hf://org/<redacted>'" in saved
     assert {p.name for p in run_dir.iterdir()} == {".lock", "config.gin", "operative_config.gin",
-                                                    "download.json"}  # .lock: llamahome/run_lock.py
+                                                    "download.json"}  # .lock: files.hold
     record = json.loads((run_dir / "download.json").read_text())
     assert record["ref"] == "org--tiny@1" and record["revision"] == COMMIT
     assert record["files"] == {n: hashlib.sha256(d).hexdigest() for n, d in FILES.items()}

@@ -12,9 +12,7 @@ from llamahome.infer.generate import generate, stream_generate
 from llamahome.infer.samplers import SamplerConfig
 from llamahome.model import hf
 from llamahome.model.llama import Llama, param_logical_axes
-from llamahome.parallel.mesh import build_mesh
-from llamahome.parallel.rules import FSDP_TENSOR
-from llamahome.parallel.sharding import logical_shardings
+from llamahome.parallel.mesh import FSDP_TENSOR, build_mesh, logical_shardings
 from tests.unit.model.hf_reference import LLAMA3_ROPE, random_hf_llama
 
 PROMPT_LENGTHS = (5, 13, 9)

@@ -13,16 +13,19 @@ import pytest
 
 import llamahome.cli  # noqa: F401  (registers launch, which the job gin files bind)
 from llamahome.config import gin_config
-from llamahome.data.tokenizer import load_tokenizer
+from llamahome.cache import CacheManager
+from llamahome.config.gin_config import gin_bindings
+from llamahome.data.pipeline import data_pipeline, make_data_iterator
+from llamahome.data.tokenizer import load_tokenizer, save_run_tokenizer
 from llamahome.errors import CheckpointError, UserError
+from llamahome.files import RunDir
 from llamahome.infer import jobs
-from llamahome.infer.checkpoints import gin_bindings, load_model
 from llamahome.infer.generator import TextStream, load_generator
 from llamahome.model import hf, params_io
-from llamahome.model.config import LlamaConfig, architecture_gin
-from llamahome.model.llama import Llama, init_params
+from llamahome.model.checkpoints import load_model
+from llamahome.model.llama import Llama, LlamaConfig, architecture_gin, init_params
 from llamahome.train.checkpoint import CheckpointConfig, Checkpointer
-from llamahome.train.state import init_train_state
+from llamahome.train.step import init_train_state
 from tests.unit.data.conftest import random_paragraphs
 
 CONFIG = LlamaConfig(name="tiny32k", vocab_size=32000, max_seq_len=128)
@@ -89,7 +92,7 @@ def test_params_and_hf_directories_load(tmp_path, trained_run):
 
 def test_gin_bindings_resolve_macros_without_touching_the_global_config():
     text = "A = 'x'\nB = %A\nload_tokenizer.path = %B\nscope/load_tokenizer.path = 'no'\n" \
-           "llamahome.model.config.LlamaConfig.num_layers = 3\n"
+           "llamahome.model.llama.LlamaConfig.num_layers = 3\n"
     assert gin_bindings(text, "load_tokenizer") == {"path": "x"}
     assert gin_bindings(text, "LlamaConfig") == {"num_layers": 3}
 
@@ -132,7 +135,7 @@ def test_generate_job_writes_generations_and_streams(tmp_path, trained_run, caps
         "generate.batch_size = 2", "SamplerConfig.temperature = 0.0"])
     out_dir = tmp_path / "gen_run"
     records = jobs.generate(run_dir=str(out_dir))
-    written = (out_dir / jobs.GENERATIONS_FILE).read_text().splitlines()
+    written = RunDir(out_dir).generations.read_text().splitlines()
     lines = [json.loads(line) for line in written]
     assert lines == records and [r["index"] for r in lines] == [0, 1, 2]
     assert lines[0]["prompt"] == "To be" and lines[2]["messages"][0]["content"] == "Who art thou?"
@@ -167,10 +170,9 @@ def test_evaluate_perplexity_equals_exp_of_numpy_mean_loss(tmp_path, trained_run
     gin_config.parse_config(files, [], [], bindings + [
         f"evaluate.checkpoint = '{run_dir}'", "evaluate.step = 3", "evaluate.batch_size = 8",
         "evaluate.seq_len = 32", "evaluate.max_batches = 3"])
-    from llamahome.data.pipeline import make_data_iterator  # noqa: PLC0415
-
     batches = [b for _, b in zip(range(3), make_data_iterator(
-        "validation", global_batch_size=8, seq_len=32, seed=0))]
+        "validation", global_batch_size=8, seq_len=32, seed=0, config=data_pipeline(),
+        tokenizer=load_tokenizer(), cache_manager=CacheManager()))]
     result = jobs.evaluate(run_dir=str(tmp_path / "eval_run"))
 
     nll, count = 0.0, 0.0
@@ -195,7 +197,7 @@ def test_evaluate_perplexity_equals_exp_of_numpy_mean_loss(tmp_path, trained_run
             nbytes += sum(len(tokenizer.decode([t for t in row[r] if t > 2]).encode())
                           for r in runs if mask[r[0]] > 0)
     np.testing.assert_allclose(result["bits_per_byte"], nll / np.log(2) / nbytes, rtol=1e-5)
-    saved = json.loads((tmp_path / "eval_run" / jobs.EVAL_RESULTS_FILE).read_text())
+    saved = json.loads(RunDir(tmp_path / "eval_run").eval_results.read_text())
     assert saved["step"] == 3 and saved["loss"] == result["loss"]
     metrics = json.loads((tmp_path / "eval_run" / "metrics.jsonl").read_text())
     assert metrics["split"] == "eval" and metrics["perplexity"] == result["perplexity"]
@@ -211,8 +213,6 @@ def test_evaluate_needs_only_the_run_dir(tmp_path, sp_path, shakespeare_gin, eig
     ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
     ckpt.save(5, init_train_state(init_params(CONFIG, jax.random.key(5)), optax.adamw(1e-3), 0))
     ckpt.close()
-    from llamahome.train.run_tokenizer import save_run_tokenizer  # noqa: PLC0415
-
     save_run_tokenizer(run_dir, load_tokenizer())
     settings = ["evaluate.seq_len = 32", "evaluate.max_batches = 3",
                 f"CacheManager.root = '{tmp_path / 'cache'}'"]

@@ -11,8 +11,7 @@ from llamahome.infer.generate import generate
 from llamahome.infer.samplers import (SamplerConfig, apply_repetition_penalty, filtered_logits,
                                       min_p_filter, sample, sampler_settings, top_k_filter,
                                       top_p_filter)
-from llamahome.model.config import LlamaConfig
-from llamahome.model.llama import init_params
+from llamahome.model.llama import LlamaConfig, init_params
 
 PROBS = np.array([0.05, 0.4, 0.1, 0.25, 0.02, 0.18])  # sorted: .4 .25 .18 .1 .05 .02
 LOGITS = np.log(PROBS)[None].astype(np.float32)  # [1, 6]

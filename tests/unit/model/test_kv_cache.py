@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llamahome.model import hf
-from llamahome.model.kv_cache import init_cache, left_padded_positions
-from llamahome.model.llama import Llama
+from llamahome.model.kv_cache import left_padded_positions
+from llamahome.model.llama import Llama, init_cache
 from tests.unit.model.hf_reference import LLAMA3_ROPE, hf_logits, random_hf_llama
 
 PROMPT_LENGTHS = (4, 9)

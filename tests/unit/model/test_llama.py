@@ -1,17 +1,21 @@
-"""The Llama module on its own: parameter tree, causality, packing, padding, attention impls."""
+"""The Llama module on its own (parameter tree, causality, packing, padding, attention impls),
+LlamaConfig and the gin presets (parameter counts against the published figures), and the
+vocabulary that follows the tokenizer."""
 
 from __future__ import annotations
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llamahome.config.gin_config import REPO_GIN_DIR
 from llamahome.errors import ConfigError
 from llamahome.model.attention import attention_mask
-from llamahome.model.config import LlamaConfig
 from llamahome.model.hf import load_hf_checkpoint
-from llamahome.model.llama import Llama, init_params, param_logical_axes
+from llamahome.model.llama import (Llama, LlamaConfig, checkpoint_vocab, fit_vocab, init_params,
+                                   param_logical_axes, param_shapes)
 from tests.unit.model.hf_reference import LLAMA3_ROPE, hf_logits, random_hf_llama
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -132,3 +136,84 @@ def test_attention_mask_against_a_loop():
             else:
                 expected[t, s] = s <= t + 1 and kv_seg[0, s] == q_seg[0, t]
     np.testing.assert_array_equal(got, expected)
+
+
+# --- LlamaConfig and the presets ---
+
+PUBLISHED = {  # from the model cards / HF safetensors metadata
+    "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192,
+    "llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496,
+    "llama3_1_405b": 405_853_388_800, "llama3_2_1b": 1_235_814_400,
+    "llama3_2_3b": 3_212_749_824, "tinyllama_1_1b": 1_100_048_384,
+    "smollm2_135m": 134_515_008, "smollm2_360m": 361_821_120,
+}
+
+
+def _preset(name: str) -> LlamaConfig:
+    gin.parse_config_file(str(REPO_GIN_DIR / "models" / f"{name}.gin"))
+    return LlamaConfig()
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_param_count_matches_published(name):
+    config = _preset(name)
+    assert config.name == name
+    shapes = param_shapes(config)  # jax.eval_shape: no memory
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == PUBLISHED[name]
+    assert config.num_params() == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_test_presets_parse(name):
+    config = _preset(name)
+    assert config.name == name and config.num_params() < 50_000_000
+
+
+def test_quickstart_preset_takes_the_tokenizers_vocabulary():
+    """gin/models/shakespeare_11m.gin: the quickstart's model, kept under its old name."""
+    config = _preset("shakespeare_11m")
+    assert config.name == "shakespeare-11m" and config.vocab_size is None
+    assert config.replace(vocab_size=4096).num_params() == 11_014_272
+
+
+def test_flops_per_token_llama2_7b():
+    config = _preset("llama2_7b")
+    # Matmul weights: all parameters but the embedding table and the 65 RMSNorm scales.
+    matmul = PUBLISHED["llama2_7b"] - 32000 * 4096 - 65 * 4096
+    assert config.flops_per_token(4096) == 6 * matmul + 12 * 32 * 4096 * 4096
+
+
+def test_config_is_hashable_and_validated():
+    scaled = LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    assert hash(scaled) == hash(LlamaConfig(rope_scaling={"factor": 8.0, "rope_type": "llama3"}))
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        LlamaConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match="dtype 'float64'"):
+        LlamaConfig(dtype="float64")
+
+
+# --- The vocabulary ---
+
+
+def test_unset_vocab_is_the_tokenizer_size_rounded_up_and_recorded():
+    config = fit_vocab(LlamaConfig(vocab_size=None), 4000)
+    assert config.vocab_size == 4096
+    assert gin.query_parameter("LlamaConfig.vocab_size") == 4096  # checkpoints record it
+    assert fit_vocab(LlamaConfig(vocab_size=None), 4096).vocab_size == 4096
+    assert fit_vocab(LlamaConfig(vocab_size=None), 130).vocab_size == 256
+
+
+def test_a_bound_vocab_is_kept_and_a_larger_tokenizer_refused():
+    assert fit_vocab(LlamaConfig(vocab_size=32000), 31000).vocab_size == 32000
+    with pytest.raises(ConfigError, match=r"the tokenizer has 4096 tokens but the model's "
+                                          r"vocabulary is 256 \(bound\).*vocab_size=None"):
+        fit_vocab(LlamaConfig(vocab_size=256), 4096)
+
+
+def test_a_resumed_run_keeps_its_checkpoints_vocab():
+    saved = "LlamaConfig.vocab_size = 32000\nLlamaConfig.hidden_size = 64\n"
+    vocab = checkpoint_vocab(saved)
+    assert vocab == 32000
+    assert fit_vocab(LlamaConfig(vocab_size=None), 4096, vocab).vocab_size == 32000
+    with pytest.raises(ConfigError, match=r"vocabulary is 32000 \(the checkpoint's\)"):
+        fit_vocab(LlamaConfig(vocab_size=None), 50000, vocab)

@@ -10,8 +10,7 @@ import transformers
 
 from llamahome.errors import CheckpointError
 from llamahome.hub.registry import Registry
-from llamahome.model.config import LlamaConfig
-from llamahome.model.llama import init_params
+from llamahome.model.llama import LlamaConfig, init_params
 from llamahome.model.params_io import load_params, save_params
 from tests.unit.model.hf_reference import LLAMA3_ROPE, hf_logits, random_hf_llama
 

@@ -15,26 +15,24 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from llamahome.data.pipeline import ShardedIterator
 from llamahome.errors import CheckpointError
-from llamahome.parallel import sharding
-from llamahome.parallel.data_shards import ShardedIterator
-from llamahome.parallel.mesh import build_mesh
-from llamahome.parallel.rules import axis_rules
+from llamahome.parallel.mesh import axis_rules, build_mesh, follow_params, init_sharded, logical_shardings
 from llamahome.train import checkpoint
 from llamahome.train.checkpoint import (MANIFEST, NO_MANIFEST, CheckpointConfig, Checkpointer, abstract_like,
                                         config_changes)
-from llamahome.train.state import init_train_state
+from llamahome.train.step import init_train_state
 
 SPECS = {"w": P("embed", "mlp"), "norm": P("norm")}
 
 
 def make_state(mesh, preset, seed=0):
-    shardings = sharding.logical_shardings(SPECS, mesh, axis_rules(preset))
+    shardings = logical_shardings(SPECS, mesh, axis_rules(preset))
     params = {"w": jax.random.normal(jax.random.key(seed), (16, 8)), "norm": jnp.arange(16.0)}
     tx = optax.adamw(1e-3)
     state_shape = jax.eval_shape(lambda p: init_train_state(p, tx, seed), params)
-    state_shardings = sharding.follow_params(state_shape, params, shardings, mesh)
-    return sharding.init_sharded(lambda p: init_train_state(p, tx, seed), state_shardings, params), state_shardings
+    state_shardings = follow_params(state_shape, params, shardings, mesh)
+    return init_sharded(lambda p: init_train_state(p, tx, seed), state_shardings, params), state_shardings
 
 
 def test_round_trip_with_data_iterator_onto_another_mesh(tmp_path, eight_devices):

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llamahome.model.config import LlamaConfig
-from llamahome.model.llama import Llama, init_params
-from llamahome.train import loss as loss_lib
+from llamahome.model.llama import Llama, LlamaConfig, init_params
+from llamahome.train import step as loss_lib
 
 B, T, D, V = 3, 8, 5, 13
 

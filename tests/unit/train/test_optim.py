@@ -3,6 +3,7 @@
 import functools
 import math
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,11 +146,131 @@ def test_schedule_horizons_from_the_saved_config():
     extended = optim.schedule_horizons(2000, 600, saved)
     assert extended == ((0, 600), (600, 2000))
     # ... recorded in the gin config, so a checkpoint of the extended run rebuilds the same plan:
-    import gin  # noqa: PLC0415
-
     recorded = gin.config_str()
     assert "build_optimizer.horizons" in recorded
     assert optim.schedule_horizons(2000, 800, recorded) == ((0, 600), (600, 2000))
     assert optim.schedule_horizons(3000, 800, recorded) == ((0, 600), (600, 2000), (800, 3000))
     # resumed at the extension's own step with another length: that extension is re-decided
     assert optim.schedule_horizons(1000, 600, recorded) == ((0, 600), (600, 1000))
+
+
+# One or two steps of Lion, SGD and Adafactor as build_optimizer builds them (their gin defaults
+# or gin bindings), against the papers' algorithms in numpy (float64). Parameters: a factorable
+# matrix (both sides >= optax's 128), a small matrix (not factored) and a bias (never decayed).
+SHAPES = {"w": (128, 160), "small": (3, 4), "b": (160,)}
+
+
+def _params_and_grads(steps=2, scale=1.0):
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+    grads = [{k: scale * rng.normal(size=s) for k, s in SHAPES.items()} for _ in range(steps)]
+    return params, grads
+
+
+def _run(tx, params, grads):
+    """Params (numpy float64) after `tx`'s steps on float32 copies."""
+    p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    state = tx.init(p)
+    for g in grads:
+        updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
+        p = optax.apply_updates(p, updates)
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), p)
+
+
+def _clip(g, max_norm):
+    """Clipping by global norm (Pascanu et al. 2013) over the whole tree."""
+    norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
+    return {k: x * min(1.0, max_norm / norm) for k, x in g.items()}
+
+
+def numpy_lion(params, grads, lr, b1, b2, wd, clip):
+    """Lion (Chen et al. 2023, Algorithm 2), weight decay on matrices only."""
+    p, m = dict(params), {k: np.zeros_like(v) for k, v in params.items()}
+    for g in grads:
+        g = _clip(g, clip)
+        for k in p:
+            c = b1 * m[k] + (1 - b1) * g[k]
+            p[k] = p[k] - lr * (np.sign(c) + (wd * p[k] if p[k].ndim >= 2 else 0))
+            m[k] = b2 * m[k] + (1 - b2) * g[k]
+    return p
+
+
+def numpy_sgd(params, grads, lr, momentum, nesterov, wd, clip):
+    """torch.optim.SGD's documented algorithm (dampening 0), weight decay on matrices only."""
+    p, buf = dict(params), {k: np.zeros_like(v) for k, v in params.items()}
+    for g in grads:
+        g = _clip(g, clip)
+        for k in p:
+            d = g[k] + (wd * p[k] if p[k].ndim >= 2 else 0)
+            buf[k] = momentum * buf[k] + d
+            p[k] = p[k] - lr * (d + momentum * buf[k] if nesterov else buf[k])
+    return p
+
+
+def numpy_adafactor(params, grads, lr, decay_rate, clipping_threshold, wd, clip):
+    """Adafactor (Shazeer & Stern 2018, Algorithms 4 and 5) without momentum or relative step:
+    beta2_t = 1 - t^-decay_rate; a matrix with both sides >= 128 keeps row and column sums R, C of
+    G^2 + 1e-30 and divides G by sqrt(R C^T / sum(R)); others keep the full V; each update is
+    clipped to RMS <= clipping_threshold; weight decay (optax's: not scaled by lr) on matrices."""
+    p = dict(params)
+    r = {k: 0.0 for k in p}
+    c = {k: 0.0 for k in p}
+    v = {k: 0.0 for k in p}
+    for t, g in enumerate(grads, start=1):
+        g = _clip(g, clip)
+        beta = 1.0 - t ** -decay_rate
+        for k in p:
+            g2 = g[k] ** 2 + 1e-30
+            if g[k].ndim == 2 and min(g[k].shape) >= 128:
+                r[k] = beta * r[k] + (1 - beta) * g2.sum(axis=1)  # [rows]
+                c[k] = beta * c[k] + (1 - beta) * g2.sum(axis=0)  # [columns]
+                u = g[k] / np.sqrt(np.outer(r[k], c[k]) / r[k].sum())
+            else:
+                v[k] = beta * v[k] + (1 - beta) * g2
+                u = g[k] / np.sqrt(v[k])
+            u = u / max(1.0, math.sqrt(np.mean(u * u)) / clipping_threshold)
+            p[k] = p[k] - lr * u - (wd * p[k] if p[k].ndim >= 2 else 0)
+    return p
+
+
+def _assert_params_close(got, expected):
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], expected[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # global clipping off, then on
+def test_lion_defaults_match_numpy_lion(scale):
+    params, grads = _params_and_grads(scale=scale)
+    tx, _ = optim.build_optimizer(0.01, total_steps=10, optimizer=optim.lion,
+                                  schedule=optim.constant)
+    expected = numpy_lion(params, grads, 0.01, b1=0.9, b2=0.99, wd=0.1, clip=1.0)
+    _assert_params_close(_run(tx, params, grads), expected)
+
+
+@pytest.mark.parametrize("bindings,settings", [
+    ([], dict(momentum=0.9, nesterov=False, wd=0.0)),  # the defaults
+    (["sgd.nesterov = True", "sgd.momentum = 0.8", "sgd.weight_decay = 0.05"],
+     dict(momentum=0.8, nesterov=True, wd=0.05)),
+])
+def test_sgd_from_gin_matches_torch_sgd_algorithm(bindings, settings):
+    gin.parse_config(["build_optimizer.optimizer = @sgd",
+                      "build_optimizer.schedule = @optim.constant",
+                      "build_optimizer.clip_norm = None", *bindings])
+    params, grads = _params_and_grads(steps=3)
+    tx, _ = optim.build_optimizer(0.1, total_steps=10)
+    expected = numpy_sgd(params, grads, 0.1, clip=math.inf, **settings)
+    _assert_params_close(_run(tx, params, grads), expected)
+
+
+@pytest.mark.parametrize("bindings,settings", [
+    ([], dict(decay_rate=0.8, clipping_threshold=1.0, wd=0.0)),  # the defaults
+    (["adafactor.decay_rate = 0.5", "adafactor.clipping_threshold = 0.3",
+      "adafactor.weight_decay = 0.01"], dict(decay_rate=0.5, clipping_threshold=0.3, wd=0.01)),
+])
+def test_adafactor_from_gin_matches_numpy_adafactor(bindings, settings):
+    gin.parse_config(["build_optimizer.optimizer = @adafactor",
+                      "build_optimizer.schedule = @optim.constant", *bindings])
+    params, grads = _params_and_grads(steps=2, scale=0.05)
+    tx, _ = optim.build_optimizer(0.02, total_steps=10)
+    expected = numpy_adafactor(params, grads, 0.02, clip=1.0, **settings)
+    _assert_params_close(_run(tx, params, grads), expected)

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llamahome.train import loss as loss_lib
 from llamahome.train import step as step_lib
-from llamahome.train.state import init_train_state
+from llamahome.train.step import init_train_state
 
 V, D, B, T = 11, 6, 8, 5
 
@@ -45,7 +44,7 @@ def numpy_loss(params, batch, z_loss=0.0):
 def test_cross_entropy_matches_numpy():
     params, batch = make_params(), make_batch()
     hidden, head = apply_fn(params, batch["inputs"], None, None)
-    ce, z, count = loss_lib.cross_entropy_sums(hidden @ head, batch["targets"], batch["loss_mask"])
+    ce, z, count = step_lib.cross_entropy_sums(hidden @ head, batch["targets"], batch["loss_mask"])
     ref, _ = numpy_loss(params, batch)
     assert count == batch["loss_mask"].sum()
     np.testing.assert_allclose(ce / count, ref, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Loading a model for inference from any of the three places LlamaHome keeps weights.
+"""Loading a model from any of the three places LlamaHome keeps weights.
 
     model = load_model("runs/20250101-120000")                 # a training run: latest step
     model = load_model("runs/20250101-120000", step=200)       # ... or a given step
@@ -6,6 +6,8 @@
     model = load_model("models/llama3_2_1b")                   # import_hf: params/ + model.gin
     model = load_model("/models/Llama-3.2-1B")                 # a Hugging Face directory
 
+An import_hf output dir (model/hf_jobs.py) holds `PARAMS_SUBDIR`/ (a params checkpoint,
+params_io.py) and `MODEL_GIN` (the model's LlamaConfig bindings).
 A training step (llamahome/train/checkpoint.py) holds the whole TrainState; only its params
 are read (Orbax partial restore), so the optimizer state never reaches memory. The model
 config comes from the gin config saved with the step (or the run dir's config.gin), a
@@ -26,17 +28,16 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from llamahome.config.gin_text import gin_bindings
-from llamahome.data.tokenizer import TokenizerSpec
+from llamahome.config.gin_config import gin_bindings
+from llamahome.data.tokenizer import TokenizerSpec, run_tokenizer
 from llamahome.errors import CheckpointError
+from llamahome.files import RunDir
 from llamahome.model import hf, params_io
-from llamahome.model.config import LlamaConfig
-from llamahome.model.hf_jobs import MODEL_GIN, PARAMS_SUBDIR
-from llamahome.model.llama import param_logical_axes, param_shapes
-from llamahome.parallel.rules import Rules
-from llamahome.parallel.sharding import logical_shardings
-from llamahome.train.run_tokenizer import run_tokenizer
+from llamahome.model.llama import LlamaConfig, param_logical_axes, param_shapes
+from llamahome.parallel.mesh import Rules, logical_shardings
 
+PARAMS_SUBDIR = "params"
+MODEL_GIN = "model.gin"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -70,9 +71,9 @@ def resolve(path: str | Path, step: int | None = None) -> tuple[str, Path]:
         return "hf", path
     if _is_step_dir(path):
         return "train", path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.name == "checkpoints":
+    if RunDir(path).checkpoints.is_dir():
+        path = RunDir(path).checkpoints
+    if path.name == RunDir.CHECKPOINTS_DIR:
         steps = _steps(path)
         if not steps:
             raise CheckpointError(f"{path} holds no finished checkpoint step yet")
@@ -96,7 +97,7 @@ def _saved_gin_config(step_dir: Path) -> str:
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
             return checkpointer.restore(step_dir / "config")["gin_config"]
     except (FileNotFoundError, KeyError, ValueError, TypeError):
-        run_config = step_dir.parent.parent / "config.gin"
+        run_config = RunDir(step_dir.parent.parent).config
         if run_config.is_file():
             return run_config.read_text()
         raise CheckpointError(f"{step_dir} has no saved gin config (config/) and its run dir no "
@@ -163,7 +164,7 @@ def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig
         model_config = _config_from_gin(text, where).replace(**overrides)
         params = _restore_train_params(where, model_config,
                                        _shardings(model_config, mesh, rules))
-        # The run's own copy (train/run_tokenizer.py) outlives the file it was trained from.
+        # The run's own copy (data/tokenizer.py) outlives the file it was trained from.
         tokenizer = run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
         return LoadedModel(model_config, params, tokenizer, kind, where, int(where.name), text)
     model_gin = where.parent / MODEL_GIN

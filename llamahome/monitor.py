@@ -1,6 +1,24 @@
-"""Model FLOPs utilisation: achieved model FLOP/s over the hardware's peak.
+"""What a run reports while it trains: metrics, the status heartbeat, MFU and a profile.
 
-On accelerators the peak is the datasheet's dense bf16 FLOP/s per device, looked up by
+- `MetricsWriter` appends train/eval records to the run dir's `metrics.jsonl` (one JSON object
+  per line, as the dashboard reads it) and TensorBoard event files under `tensorboard/`, and
+  shows a tqdm bar:
+
+      {"step", "time", "split": "train", "loss", "perplexity", "grad_norm", "learning_rate",
+       "tokens_per_sec", "step_time", "mfu", "tokens_seen"}
+      {"step", "time", "split": "eval", "loss", "perplexity"[, "bits_per_byte"]}
+
+- `Heartbeat` keeps `status.json` in the run dir, replaced atomically: {"status", "step",
+  "total_steps", "model", "started", "updated", "pid", "host"}.
+- `peak_flops` and `mfu`: model FLOPs utilisation, achieved model FLOP/s over the hardware's
+  peak (below).
+- `Profiler`: a `jax.profiler` trace of steps N..M into `profile/` (open it in TensorBoard's
+  profile tab or Perfetto):
+
+      Profiler.start_step = 10
+      Profiler.end_step = 15
+
+MFU. On accelerators the peak is the datasheet's dense bf16 FLOP/s per device, looked up by
 `device_kind` (override in gin: `peak_flops.per_device = 989e12` or extend `peak_flops.table`).
 On CPU there is no datasheet figure worth trusting, so the peak is measured: the best dense
 matmul FLOP/s XLA reaches on this machine (benchmarks/peak.py prints it). The CPU figure is
@@ -19,17 +37,101 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
+import math
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 
 import gin
 import jax
 import jax.numpy as jnp
+import tqdm
+from absl import logging
+from tensorboardX import SummaryWriter
 
-from llamahome import paths
+from llamahome.files import RunDir, cache_dir, write_text_atomic
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl, TensorBoard and the progress bar
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+class MetricsWriter:
+    """Appends train/eval records to metrics.jsonl and TensorBoard; shows a progress bar."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, initial_step: int = 0,
+                 progress_bar: bool = True, mfu_peak: str = ""):
+        """`mfu_peak`: what MFU divides by, shown after it in the bar ('270 GFLOP/s measured')."""
+        run = RunDir(run_dir)
+        self._mfu_of = f" of {mfu_peak}" if mfu_peak else ""
+        run.path.mkdir(parents=True, exist_ok=True)
+        self._jsonl = run.metrics.open("a", encoding="utf-8")
+        self._tb = SummaryWriter(str(run.tensorboard))
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                              disable=not progress_bar)
+
+    def _write(self, record: dict) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key not in ("step", "time", "split") and value is not None and math.isfinite(value):
+                self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def train(self, step: int, metrics: dict[str, float]) -> None:
+        """Records the metrics of the step that ended at `step`."""
+        record = {"step": step, "time": time.time(), "split": "train", **metrics,
+                  "perplexity": perplexity(metrics["loss"])}
+        self._write(record)
+        self._bar.n = step
+        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}",
+                              mfu=f"{metrics.get('mfu', float('nan')):.1%}{self._mfu_of}", refresh=False)
+        self._bar.refresh()
+
+    def eval(self, step: int, loss: float, **extra: float | None) -> None:
+        """Records an eval loss at `step`, with `extra` figures (e.g. bits_per_byte) after it."""
+        self._write({"step": step, "time": time.time(), "split": "eval", "loss": loss,
+                     "perplexity": perplexity(loss), **extra})
+        self._bar.write(f"step {step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+
+    def close(self) -> None:
+        self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The status heartbeat: status.json
+
+
+class Heartbeat:
+    """Writes {"status", "step", "total_steps", "model", "started", "updated", "pid", "host"}."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, model: str, interval_s: float = 5.0):
+        self.path = RunDir(run_dir).status
+        self.interval_s = interval_s
+        self.record = {"status": "running", "step": 0, "total_steps": total_steps, "model": model,
+                       "started": time.time(), "updated": 0.0, "pid": os.getpid(),
+                       "host": socket.gethostname()}
+
+    def beat(self, step: int, status: str = "running", force: bool = False) -> None:
+        """Records `step`; writes at most every `interval_s` unless `force` or the status changes."""
+        now = time.time()
+        changed = status != self.record["status"]
+        self.record.update(step=step, status=status)
+        if force or changed or now - self.record["updated"] >= self.interval_s:
+            self.record["updated"] = now
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(self.record))
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU: model FLOP/s over the hardware's peak
+
 
 PEAK_CACHE_DIR = "peak_flops"
 # Timed matmuls per size in the cached CPU measurement: the best of them is the peak.
@@ -132,7 +234,7 @@ def cpu_peak_flops(dtype: str, sizes: tuple[int, ...], remeasure: bool = False,
     best of all is the figure; `remeasure` adds one (delete the file to start over).
     """
     key = machine_key(dtype, sizes)
-    path = peak_cache_path(key, paths.cache_dir() if root is None else root)
+    path = peak_cache_path(key, cache_dir() if root is None else root)
     measurements = _cached_measurements(path, key)
     if measurements and not remeasure:
         return max(m["flops"] for m in measurements)
@@ -147,9 +249,7 @@ def cpu_peak_flops(dtype: str, sizes: tuple[int, ...], remeasure: bool = False,
     best = max(m["flops"] for m in measurements)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "flops": best, "measurements": measurements}) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"key": key, "flops": best, "measurements": measurements}) + "\n")
     except OSError as e:
         logging.warning("could not cache the CPU peak in %s (%s); it is measured again next run", path, e)
     return best
@@ -189,3 +289,34 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float) -> float:
     """
     fraction = flops_per_token * tokens_per_sec / peak
     return min(fraction, 1.0) if fraction == fraction else fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling: a jax.profiler trace of steps N..M
+
+
+@gin.configurable
+class Profiler:
+    """Starts a trace before step `start_step` and stops it after step `end_step` (both 1-based)."""
+
+    def __init__(self, logdir: str | Path, start_step: int | None = None, end_step: int | None = None):
+        self.logdir = str(logdir)
+        self.start_step, self.end_step = start_step, end_step if end_step is not None else start_step
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if self.start_step is not None and step == self.start_step and not self.active:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+            logging.info("profiling steps %d..%d into %s", self.start_step, self.end_step, self.logdir)
+
+    def after_step(self, step: int, sync: object = None) -> None:
+        if self.active and step >= self.end_step:
+            jax.block_until_ready(sync)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

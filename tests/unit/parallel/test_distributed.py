@@ -1,10 +1,10 @@
 """The watchdog ends a process that stops making progress, and leaves a progressing one alone."""
 
-from llamahome.parallel.watchdog import EXIT_NO_PROGRESS
+from llamahome.parallel.distributed import EXIT_NO_PROGRESS
 
 STALLS = """
 import time
-from llamahome.parallel.watchdog import Watchdog
+from llamahome.parallel.distributed import Watchdog
 dog = Watchdog("process 1 of 2", timeout_s=1.0, poll_s=0.05).start()
 for step in range(1, 6):
     time.sleep(0.2)
@@ -14,7 +14,7 @@ time.sleep(30)  # stuck, as in a collective with a dead peer
 
 PROGRESSES = """
 import time
-from llamahome.parallel.watchdog import Watchdog
+from llamahome.parallel.distributed import Watchdog
 dog = Watchdog("process 0 of 2", timeout_s=1.0, poll_s=0.05).start()
 for step in range(1, 11):
     time.sleep(0.3)

@@ -1,1 +1,0 @@
-"""Metric writers (console, JSONL, TensorBoard), the status heartbeat, MFU and profiling."""
