@@ -140,7 +140,8 @@ def test_readme_commands_run_as_written(tmp_path):
                              "where": where})
     assert plan and "quickstart.gin" in " ".join(plan[0]["argv"])
 
-    env = {"HOME": str(home), "XDG_CACHE_HOME": "", "LLAMAHOME_CACHE_DIR": "", "XLA_FLAGS": "",
+    env = {"HOME": str(home), "XDG_CACHE_HOME": "", "LLAMAHOME_CACHE_DIR": "",
+           "LLAMAHOME_MODELS_DIR": "", "XLA_FLAGS": "",
            "JAX_PLATFORMS": "cpu", "LLAMAHOME_GIN_PARAMS": TINY, "LLAMAHOME_MALLOC": "system"}
     env = {k: v for k, v in {**os.environ, **env, "PYTHONPATH": str(REPO)}.items()
            if v != "" or k == "XLA_FLAGS"}
@@ -280,4 +281,8 @@ def main(plan_path: str, results_path: str) -> int:
 
 
 if __name__ == "__main__":
+    # Importing tests.conftest pointed the caches at a test folder; here, as for a new user,
+    # the cache is the fresh HOME's ~/.cache/llamahome (the README's paths say so).
+    for name in ("XDG_CACHE_HOME", "LLAMAHOME_CACHE_DIR", "LLAMAHOME_MODELS_DIR"):
+        os.environ.pop(name, None)
     sys.exit(main(*sys.argv[1:]))
