@@ -162,16 +162,6 @@ class MemoryStore:
 # On-disk store
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class DiskStore:
     """Named, fingerprinted directories under a byte budget; evicts unpinned entries by policy."""
 
@@ -253,7 +243,7 @@ class DiskStore:
         prefix = self._pin_prefix(key)
         for pin in (self.root / ".pins").glob(prefix + "*"):
             pid = int(pin.name[len(prefix):].split(".")[0])
-            if _pid_alive(pid):
+            if files.pid_alive(pid):
                 return True
             pin.unlink(missing_ok=True)
         return False

@@ -271,19 +271,24 @@ def holder_record() -> dict:
                                                       *sys.orig_argv[1:]]))[:300]}
 
 
-def _is_alive(record: dict) -> bool:
-    """Whether the process a record names is still running (always assumed for another host)."""
-    if record.get("host") != socket.gethostname():
-        return True
-    pid = int(record.get("pid", 0))
-    if pid <= 0 or pid == os.getpid():
-        return False
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
+    return True
+
+
+def _is_alive(record: dict) -> bool:
+    """Whether the process a record names is still running (always assumed for another host)."""
+    if record.get("host") != socket.gethostname():
+        return True
+    pid = int(record.get("pid", 0))
+    if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
+        return False
     start = _process_start(pid)
     return start is None or record.get("proc_start") in (None, start)
 

@@ -221,12 +221,11 @@ class _ReadWindow:
         cache = self._cache
         if not cache.in_memory or self._workers == 0:
             return 0
-        nbytes = cache.tokens.nbytes + (cache.loss_mask.nbytes if cache.loss_mask is not None else 0)
         share = self._budget // (self._workers + 1)
-        if nbytes > share:
+        if cache.nbytes > share:
             logging.info("token cache %s (%d bytes) is read from disk by the %d read workers: "
                          "%d copies in memory would exceed the budget of %d bytes",
-                         cache.path, nbytes, self._workers, self._workers + 1, self._budget)
+                         cache.path, cache.nbytes, self._workers, self._workers + 1, self._budget)
             return 0
         return share
 

@@ -384,7 +384,7 @@ class TokenCache:
         key = f"token_cache:{self.path}"
         if manager is not None and (cached := manager.memory_get(key)) is not None:
             return cached
-        nbytes = self.num_tokens * (self._tokens.dtype.numpy_dtype.itemsize + (self._mask is not None))
+        nbytes = self.nbytes
         if nbytes > (manager.memory.budget if manager is not None else host_ram_budget(memory_budget)):
             return None, None
         tokens = self._tokens.read().result()
@@ -392,6 +392,11 @@ class TokenCache:
         if manager is not None:
             manager.memory_put(key, (tokens, mask), nbytes)
         return tokens, mask
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens and loss mask (uint8) held in memory, when they are."""
+        return self.num_tokens * (self._tokens.dtype.numpy_dtype.itemsize + (self._mask is not None))
 
     @property
     def lengths(self) -> np.ndarray:
