@@ -99,3 +99,11 @@ def tiny_train_params(corpus_dir: Path, cache_dir: Path, run_dir: Path) -> list[
     return [f"DATA_DIR='{corpus_dir}'", f"TOKENIZER='{sp_tokenizer_path()}'",
             f"CacheManager.root='{cache_dir}'", f"launch.run_dir='{run_dir}'",
             "train.progress_bar=False"]
+
+
+def tiny_train_command(workdir: Path, run_dir: Path, *params: str,
+                       gin_file: str = "gin/train/tiny_cpu.gin") -> list[str]:
+    """The launch argv training `gin_file` on `workdir`/txt (cache in `workdir`/cache), `params` last."""
+    gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir), *params]
+    return [sys.executable, "-m", "llamahome.launch", f"--gin_file={gin_file}",
+            *[f"--gin_param={p}" for p in gin_params]]

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_train_params, write_word_corpus
+from tests.conftest import REPO, tiny_train_command, write_word_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,10 +25,7 @@ def workdir(tmp_path_factory):
 
 
 def command(workdir: Path, run_dir: Path, *params: str) -> list[str]:
-    gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir),
-                  "train.steps=20", *params]
-    return [sys.executable, "-m", "llamahome.launch", "--gin_file=gin/train/tiny_cpu.gin",
-            *[f"--gin_param={p}" for p in gin_params]]
+    return tiny_train_command(workdir, run_dir, "train.steps=20", *params)
 
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",

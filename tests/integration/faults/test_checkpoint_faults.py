@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_train_params, write_word_corpus
+from tests.conftest import REPO, tiny_train_command, write_word_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,11 +28,9 @@ def workdir(tmp_path_factory):
 
 
 def command(workdir: Path, run_dir: Path, *params: str) -> list[str]:
-    gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir), "train.steps=20",
-                  "train.eval_every=0", "CheckpointConfig.save_steps=5", "CheckpointConfig.keep_last_n=4",
-                  f"WANDB_API_KEY='{SECRET}'", *params]
-    return [sys.executable, "-m", "llamahome.launch", "--gin_file=gin/train/tiny_cpu.gin",
-            *[f"--gin_param={p}" for p in gin_params]]
+    return tiny_train_command(workdir, run_dir, "train.steps=20", "train.eval_every=0",
+                              "CheckpointConfig.save_steps=5", "CheckpointConfig.keep_last_n=4",
+                              f"WANDB_API_KEY='{SECRET}'", *params)
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:

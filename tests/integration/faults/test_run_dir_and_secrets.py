@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from llamahome import files
-from tests.conftest import REPO, sp_tokenizer_path, tiny_train_params, write_word_corpus
+from tests.conftest import REPO, tiny_train_command, write_word_corpus
 
 pytestmark = [pytest.mark.integration]
 
@@ -39,10 +39,8 @@ def workdir(tmp_path_factory):
 
 def train_command(workdir: Path, run_dir: Path, gin_file: str = "gin/train/tiny_cpu.gin",
                   *params: str) -> list[str]:
-    gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir),
-                  f"train.steps={STEPS}", "train.eval_every=0", *params]
-    return [sys.executable, "-m", "llamahome.launch", f"--gin_file={gin_file}",
-            *[f"--gin_param={p}" for p in gin_params]]
+    return tiny_train_command(workdir, run_dir, f"train.steps={STEPS}", "train.eval_every=0",
+                              *params, gin_file=gin_file)
 
 
 def launch(args: list[str], cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:

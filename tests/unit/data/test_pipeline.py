@@ -62,6 +62,19 @@ def documents_of(batches) -> list[tuple[int, ...]]:
     return docs
 
 
+def first_pairs(it, count: int) -> collections.Counter:
+    """The first `count` (input, target) pairs a batch-1 iterator yields, padding skipped.
+
+    concat_split keeps read order (documents, or windows of one), so the first epoch of the
+    train split is a prefix of this stream."""
+    stream = []
+    while len(stream) < count:
+        b = next(it)
+        keep = b["segment_ids"][0] > 0
+        stream += zip(b["inputs"][0][keep].tolist(), b["targets"][0][keep].tolist())
+    return collections.Counter(stream[:count])
+
+
 def test_batches_follow_the_contract(tmp_path, text_corpus, sp_tokenizer):
     folder, _ = text_corpus
     batch = next(make("train", folder, sp_tokenizer, tmp_path, batch=8, count=2))
@@ -128,12 +141,7 @@ def test_train_epoch_packs_every_token_once(tmp_path, text_corpus, sp_tokenizer)
                                 packing="padded", validation_fraction=0.2)))
     train_docs = [d for p in paragraphs if (d := tuple(sp_tokenizer.encode(p, add_eos=True))) not in val]
     pairs = collections.Counter(pair for d in train_docs for pair in zip(d[:-1], d[1:]))
-    stream = []  # concat_split keeps document order, so the first epoch is a prefix of the stream
-    while len(stream) < sum(pairs.values()):
-        b = next(it)
-        keep = b["segment_ids"][0] > 0
-        stream += zip(b["inputs"][0][keep].tolist(), b["targets"][0][keep].tolist())
-    assert collections.Counter(stream[:sum(pairs.values())]) == pairs
+    assert first_pairs(it, sum(pairs.values())) == pairs
 
 
 def test_shakespeare_gin_file(tmp_path, text_corpus, sp_model_path):
@@ -235,12 +243,7 @@ def test_long_documents_are_read_in_windows_holding_every_pair_once(tmp_path, lo
     docs = [sp_tokenizer.encode(p, add_eos=True) for p in paragraphs]
     assert max(len(d) for d in docs) > 3000
     pairs = collections.Counter(pair for d in docs for pair in zip(d[:-1], d[1:]))
-    stream = []  # concat_split keeps window order, so the first epoch is a prefix of the stream
-    while len(stream) < sum(pairs.values()):
-        b = next(it)
-        keep = b["segment_ids"][0] > 0
-        stream += zip(b["inputs"][0][keep].tolist(), b["targets"][0][keep].tolist())
-    assert collections.Counter(stream[:sum(pairs.values())]) == pairs
+    assert first_pairs(it, sum(pairs.values())) == pairs
     assert max(reads) == 4 * 16 + 1  # never more than one packing window of the long document
 
 
