@@ -8,7 +8,7 @@
 - `import_cycles`, `backward_imports`, `local_imports`: from the source, statically. Layers,
   bottom to top (an import may point down or sideways, never up, never in a cycle; train
   never imports infer):
-      0  errors, files, secrets, config.*, jobs (the registry: the @job decorator)
+      0  errors, files, net, secrets, config.*, jobs (the registry: the @job decorator)
       1  model.*, data.*, parallel.*, cache, monitor, hub.*
       2  train.*, infer.*
       3  every other *jobs module, quickstart, cli, launch, dashboard.*

@@ -93,6 +93,8 @@ class RunDir:
                   tensorboard/           TensorBoard event files
                   profile/               a `jax.profiler` trace
                   eval_results.json      the `evaluate` job's result
+                  lm_eval_results.json   the `lm_eval` job's lm-eval results (lm-eval's format)
+                  lm_eval_samples/       its per-sample logs, <task>.jsonl
                   generations.jsonl      the `generate` job's completions
                   download.json          the `download_model` job's record
     """
@@ -108,6 +110,8 @@ class RunDir:
     TENSORBOARD_DIR = "tensorboard"
     PROFILE_DIR = "profile"
     EVAL_RESULTS_FILE = "eval_results.json"
+    LM_EVAL_RESULTS_FILE = "lm_eval_results.json"
+    LM_EVAL_SAMPLES_DIR = "lm_eval_samples"
     GENERATIONS_FILE = "generations.jsonl"
     DOWNLOAD_FILE = "download.json"
     MARKERS = (STATUS_FILE, METRICS_FILE, CONFIG_FILE)  # any one makes a folder a run dir
@@ -164,6 +168,14 @@ class RunDir:
     @property
     def eval_results(self) -> Path:
         return self.path / self.EVAL_RESULTS_FILE
+
+    @property
+    def lm_eval_results(self) -> Path:
+        return self.path / self.LM_EVAL_RESULTS_FILE
+
+    @property
+    def lm_eval_samples(self) -> Path:
+        return self.path / self.LM_EVAL_SAMPLES_DIR
 
     @property
     def generations(self) -> Path:

@@ -7,6 +7,7 @@
       {"step", "time", "split": "train", "loss", "perplexity", "grad_norm", "learning_rate",
        "tokens_per_sec", "step_time", "mfu", "tokens_seen"}
       {"step", "time", "split": "eval", "loss", "perplexity"[, "bits_per_byte"]}
+      {"step", "time", "split": "downstream", "<task>/<metric>": value, ...}   (lm-eval tasks)
 
 - `Heartbeat` keeps `status.json` in the run dir, replaced atomically: {"status", "step",
   "total_steps", "model", "started", "updated", "pid", "host"}.
@@ -97,6 +98,13 @@ class MetricsWriter:
         self._write({"step": step, "time": time.time(), "split": "eval", "loss": loss,
                      "perplexity": perplexity(loss), **extra})
         self._bar.write(f"step {step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+
+    def downstream(self, step: int, metrics: dict[str, float]) -> None:
+        """Records lm-eval task metrics {"<task>/<metric>": value} at `step` (TensorBoard:
+        downstream/<task>/<metric>)."""
+        self._write({"step": step, "time": time.time(), "split": "downstream", **metrics})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self._bar.write(f"step {step}: {shown}")
 
     def close(self) -> None:
         self._bar.close()

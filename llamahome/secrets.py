@@ -48,6 +48,14 @@ _URL_PARAM = re.compile(r"(?P<head>[?&#;](?P<name>[A-Za-z0-9_.\-]+)=)[^&#;\s'\"<
 _BINDING = re.compile(r"(?P<indent>\s*)(?P<name>[A-Za-z_][\w./\-]*)\s*=(?!=)")
 
 
+API_KEY_VAR = "LLAMAHOME_API_KEY"  # the serve job's key: a secret name, so it is redacted too
+
+
+def api_key() -> str | None:
+    """The `serve` job's API key (LLAMAHOME_API_KEY, from the environment or .env); never gin."""
+    return os.environ.get(API_KEY_VAR) or None
+
+
 def hf_token() -> str | None:
     """The Hugging Face token from the environment (or the .env file loaded at start)."""
     for name in SECRET_ENV_VARS:

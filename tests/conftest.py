@@ -5,13 +5,16 @@ Tests that need a specific count can run a subprocess (see `run_python`)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -107,3 +110,28 @@ def tiny_train_command(workdir: Path, run_dir: Path, *params: str,
     gin_params = [*tiny_train_params(workdir / "txt", workdir / "cache", run_dir), *params]
     return [sys.executable, "-m", "llamahome.launch", f"--gin_file={gin_file}",
             *[f"--gin_param={p}" for p in gin_params]]
+
+
+@contextlib.contextmanager
+def serving(app, timeout_s: float = 20.0) -> Iterator[str]:
+    """Serves the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yields its URL."""
+    import uvicorn
+
+    from llamahome import net
+
+    sock = net.listen("127.0.0.1", 0, setting="test", public_hint="tests serve loopback only")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield net.url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()

@@ -1,8 +1,10 @@
 """The playground: sample text from a run's checkpoint, streamed back chunk by chunk.
 
 Generation itself is `llamahome.infer.generator`'s (`load_generator(run_dir, step=...)`,
-`Generator.stream(prompt, ...)`); this module parses the request, keeps the last loaded
-checkpoint in memory (loading and compiling take seconds), and serialises requests.
+`Generator.stream(prompt, ...)`), which decodes on the serving engine (llamahome/infer/engine.py),
+so the playground's text equals the `generate` job's and the `serve` job's for the same request;
+this module parses the request, keeps the last loaded checkpoint in memory (loading and
+compiling take seconds), and serialises requests.
 """
 
 from __future__ import annotations

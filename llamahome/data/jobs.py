@@ -26,10 +26,13 @@ def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = N
     manager = CacheManager()
     workers = config.build_workers if num_workers is None else num_workers
     report = {}
-    for split, sources in (("train", config.sources), ("validation", config.validation_sources)):
-        if not sources:
-            continue
-        name = cache_name_for(sources, config.cache_name if split == "train" else None)
+    components = config.components()  # one per mixture component (data_pipeline.mixture_weights)
+    caches = [("train" if len(components) == 1 else f"train/{k}", sources, name)
+              for k, (sources, name) in enumerate(components)]
+    if config.validation_sources:
+        caches.append(("validation", config.validation_sources,
+                       cache_name_for(config.validation_sources, None)))
+    for split, sources, name in caches:
         start = time.perf_counter()
         path = build_token_cache(sources, tokenizer, manager, name=name,
                                  options=resolved_options(config.options, tokenizer),

@@ -38,6 +38,7 @@ def summary(version: ModelVersion) -> dict:
     """What the jobs print and write about a version."""
     return {"ref": version.ref, "source": version.source, "revision": version.revision,
             "size": version.size, "pinned": version.pinned, "parent": version.parent,
+            "adapter": version.is_adapter,
             "files": {n: e.sha256 for n, e in version.files.items()}}
 
 
@@ -80,8 +81,9 @@ def models(run_dir: str | None = None, action: str = "list", ref: str | None = N
                          "--gin_param=\"models.action='register'\" --gin_param=\"models.path='...'\"",
                          f"versions of {name!r}" if name else "models", registry.root)
         for v in versions:
-            logging.info("%-40s %12d bytes %s%s", v.ref, v.size, v.source,
-                         " (pinned)" if v.pinned else "")
+            logging.info("%-40s %12d bytes %s%s%s", v.ref, v.size, v.source,
+                         f" ({'adapter on' if v.is_adapter else 'fine-tune of'} {v.parent})"
+                         if v.parent else "", " (pinned)" if v.pinned else "")
         return [summary(v) for v in versions]
     if action == "register":
         if not path:

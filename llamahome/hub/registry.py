@@ -10,7 +10,9 @@ A version is referred to as `name@N`, or `name` for its newest version. Each ent
 name, version, source (an `hf://` repo, a URL without query or credentials, or a local path),
 revision (the Hub commit), files with sha256 and size, total size, created and last-used
 times, the run dirs that used it, whether it is pinned, and its parent (`base@N`) when it is
-a fine-tune exported from a run and registered as a new version of its base model.
+a fine-tune exported from a run and registered as a new version of its base model, or a LoRA
+adapter (import_peft, a LoRA export_hf: its files hold `adapter.json`) on that base. A base
+is neither removed nor evicted while an adapter on it is registered: an adapter needs its base.
 
 A version is in use while a run that used it is running (its `status.json` says "running"
 and its process is alive, or on another host its heartbeat is fresh); in-use versions are
@@ -34,9 +36,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gin
+
 from llamahome.errors import CheckpointError, ConfigError, UserError, did_you_mean
 from llamahome.files import RunDir, locked_json, models_dir
 from llamahome.hub.security import safe_join
+from llamahome.model.lora import META_FILE
 
 MANIFEST = "registry.json"
 LOCK_FILE = ".registry.lock"  # guards every manifest update
@@ -73,6 +78,11 @@ class ModelVersion:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def is_adapter(self) -> bool:
+        """A LoRA adapter (its parent is its base), known by its adapter.json."""
+        return META_FILE in self.files
 
     @property
     def size(self) -> int:
@@ -265,6 +275,11 @@ class Registry:
             if active:
                 raise UserError(f"model {version.ref} is in use by running run(s) {active}; "
                                 "remove it after they finish")
+            adapters = [v.ref for v in versions if v.is_adapter and v.parent == version.ref]
+            if adapters:
+                raise UserError(f"model {version.ref} is the base of adapter(s) "
+                                f"{', '.join(adapters)}; remove those first "
+                                "(models.action='remove')")
             directory = self.version_dir(version)
             versions.remove(version)
         shutil.rmtree(directory, ignore_errors=True)  # after the manifest: never a dangling entry
@@ -310,6 +325,18 @@ def use_model(ref: str, run_dir: str, root: Path | str | None = None) -> Path:
 
 
 MODEL_REF_PREFIX = "model:"
+
+
+@gin.configurable
+def model_files(ref: str = gin.REQUIRED) -> str:
+    """The folder of `ref`: a registered version's for `model:name@N`, else `ref` (a path).
+
+    A gin reference for files kept beside a model, e.g. its tokenizer in a recipe:
+    `load_tokenizer.path = @model_files()` with `model_files.ref = %BASE`.
+    """
+    if not ref.startswith(MODEL_REF_PREFIX):
+        return ref
+    return str(Registry(models_dir()).path(ref[len(MODEL_REF_PREFIX):]))
 
 
 def resolve_model_path(path: str, run_dir: str) -> str:

@@ -60,8 +60,11 @@ def usage(registry: Registry, budget: StorageBudget) -> int:
 
 
 def evictable(registry: Registry) -> list[ModelVersion]:
-    """Unpinned versions no running run uses, least recently used first."""
-    candidates = [v for v in registry.versions() if not v.pinned and not registry.active_runs(v)]
+    """Unpinned versions no running run uses and no adapter is based on, LRU first."""
+    versions = registry.versions()
+    parents = {v.parent for v in versions if v.is_adapter}
+    candidates = [v for v in versions
+                  if not v.pinned and v.ref not in parents and not registry.active_runs(v)]
     return sorted(candidates, key=lambda v: (v.last_used, v.created))
 
 

@@ -13,7 +13,9 @@ evaluates on it, and processes holding different numbers of batches stay in step
     bits_per_byte  = sum of cross-entropy / ln 2 / UTF-8 bytes of those targets' text
 
 The byte count decodes each run of consecutive masked targets (BOS/EOS/padding count 0
-bytes), so bits per byte compares models with different tokenizers.
+bytes), so bits per byte compares models with different tokenizers. A LoRA adapter
+(`lora`, `adapters`; model/lora.py) is evaluated on its base unmerged, by the step a LoRA
+training run evaluates with (the base a frozen argument).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from jax.sharding import Mesh
 
 from llamahome.data.tokenizer import Tokenizer
 from llamahome.errors import UserError
-from llamahome.model.llama import Llama, LlamaConfig, param_logical_axes
+from llamahome.model.llama import Llama, LlamaConfig, adapter_logical_axes, param_logical_axes
+from llamahome.model.lora import LoraConfig
 from llamahome.monitor import perplexity
 from llamahome.parallel.mesh import Rules, batch_sharding, logical_shardings
 from llamahome.train import step as step_lib
+from llamahome.train.checkpoint import abstract_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +72,10 @@ def target_bytes(tokenizer: Tokenizer, targets: np.ndarray, loss_mask: np.ndarra
 
 def evaluate_params(params, config: LlamaConfig, batches: Iterable[dict], *, mesh: Mesh,
                     rules: Rules, tokenizer: Tokenizer | None = None,
-                    max_batches: int | None = None) -> EvalResult:
-    """Evaluates `params` (laid out by the rules on `mesh`) over up to `max_batches` batches."""
+                    max_batches: int | None = None, lora: LoraConfig | None = None,
+                    adapters: dict | None = None) -> EvalResult:
+    """Evaluates `params` (laid out by the rules on `mesh`), with `adapters` on them if given,
+    over up to `max_batches` batches."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
@@ -80,9 +86,19 @@ def evaluate_params(params, config: LlamaConfig, batches: Iterable[dict], *, mes
     batch_layout = batch_sharding(mesh, rules)
     step_lib.check_batch_divisible(global_rows, 1, batch_layout)
     param_shardings = logical_shardings(param_logical_axes(config), mesh, rules)
-    eval_step = step_lib.compile_eval_step(
-        params, param_shardings, step_lib.abstract_batch(global_rows, seq_len, batch_layout),
-        mesh, rules, step_lib.hidden_apply_fn(Llama(config)))
+    abstract_batch = step_lib.abstract_batch(global_rows, seq_len, batch_layout)
+    if lora is None:
+        eval_step = step_lib.compile_eval_step(params, param_shardings, abstract_batch, mesh,
+                                               rules, step_lib.hidden_apply_fn(Llama(config)))
+    else:
+        compiled = step_lib.compile_eval_step(
+            adapters, logical_shardings(adapter_logical_axes(config, lora), mesh, rules),
+            abstract_batch, mesh, rules, step_lib.lora_apply_fn(Llama(config, lora)),
+            abstract_like(params, param_shardings))
+        base, params = params, adapters  # the step's trained argument is the adapters
+
+        def eval_step(adapters, batch):
+            return compiled(adapters, batch, base)
     nbytes = 0
 
     def count_bytes(i: int, local: dict | None) -> None:

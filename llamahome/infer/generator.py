@@ -11,6 +11,11 @@ it, unless `add_bos` forces BOS on or off) or a list of chat messages [{"role", 
 add_generation_prompt=True)`). Generation stops at any of the tokenizer's stop ids (the
 generation_config.json `eos_token_id` list, see data/tokenizer.py), at a user stop string (the
 text is cut before it), or after max_new_tokens.
+
+Decoding runs on the engine (infer/engine.py, through generate.stream_generate): the same
+prefill and decode step as the `serve` job, so a prompt's completion is the same here, in the
+`generate` job, in the dashboard playground and from the server. Prompt i of a batch samples
+with seed `seed + i`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from llamahome.infer.generate import stream_generate
 from llamahome.infer.samplers import SamplerConfig
 from llamahome.model.checkpoints import LoadedModel, load_model
 from llamahome.model.llama import LlamaConfig
+from llamahome.model.lora import LoraConfig
 from llamahome.parallel.mesh import Rules
 
 Prompt = str | Sequence[dict]
@@ -138,7 +144,8 @@ class BatchStream:
         self._ids = stream_generate(
             generator.params, generator.config, self._encoded, max_new_tokens=max_new_tokens,
             sampler=sampler, seed=seed, chunk=chunk, stop_ids=generator.stop_ids,
-            pad_id=tokenizer.pad_id, mesh=generator.mesh, rules=generator.rules)
+            pad_id=tokenizer.pad_id, mesh=generator.mesh, rules=generator.rules,
+            lora=generator.lora, adapters=generator.adapters)
 
     def __iter__(self) -> Iterator[list[str]]:
         for new in self._ids:  # [B, k]
@@ -156,12 +163,14 @@ class Generator:
 
     def __init__(self, config: LlamaConfig, params: dict, tokenizer: Tokenizer, *,
                  mesh: Mesh | None = None, rules: Rules | None = None,
-                 add_bos: bool | None = None, stop_strings: Sequence[str] = ()):
+                 add_bos: bool | None = None, stop_strings: Sequence[str] = (),
+                 lora: LoraConfig | None = None, adapters: dict | None = None):
         if tokenizer.vocab_size > config.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model "
                             f"{config.name!r} only {config.vocab_size}; use the model's tokenizer")
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.mesh, self.rules = mesh, rules
+        self.lora, self.adapters = lora, adapters  # a LoRA adapter on the base (model/lora.py)
         self.add_bos, self.stop_strings = add_bos, tuple(stop_strings)
         self.stop_ids = stop_ids_of(tokenizer)
         bos = tokenizer.adds()[0] if add_bos is None else add_bos
@@ -221,4 +230,5 @@ def generator_for(model: LoadedModel, tokenizer_path: str | Path | None = None, 
                         "(generate.tokenizer = '...') pointing at a tokenizer.json or .model")
     tokenizer = tokenizer_from_spec(spec)
     return Generator(model.config, model.params, tokenizer, mesh=mesh, rules=rules,
-                     add_bos=add_bos, stop_strings=stop_strings)
+                     add_bos=add_bos, stop_strings=stop_strings,
+                     lora=model.lora, adapters=model.adapters)  # a LoRA checkpoint: unmerged

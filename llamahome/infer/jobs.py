@@ -1,4 +1,4 @@
-"""The `generate` and `evaluate` jobs (gin/jobs/generate.gin, gin/jobs/evaluate.gin).
+"""The `generate`, `evaluate` and `serve` jobs (gin/jobs/generate.gin, evaluate.gin, serve.gin).
 
     python -m llamahome.launch --gin_file=gin/jobs/generate.gin \\
         --gin_param="generate.checkpoint='runs/<run>'" --gin_param="generate.prompts=['Once upon']"
@@ -13,7 +13,8 @@ evaluates on the held-out split of the data the run trained on, with the run's t
 
 `checkpoint` is a training run dir (latest step, or `step`), a step dir, an import_hf output,
 a Hugging Face directory (see checkpoints.py), or `model:name@N`, a version in the model
-registry (the run is recorded as one of its users). Both jobs lay the params out on the mesh
+registry (the run is recorded as one of its users). A LoRA checkpoint (a LoRA run, an
+import_peft output or a LoRA export) runs as its adapters on its base, unmerged. Both jobs lay the params out on the mesh
 and axis rules bound for training (build_mesh, axis_rules).
 """
 
@@ -26,8 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gin
+import jax
+import uvicorn
 from absl import logging
 
+from llamahome import net, secrets
 from llamahome.cache import CacheManager
 from llamahome.config.gin_config import binding_statements, gin_bindings
 from llamahome.data.pipeline import data_pipeline, make_data_iterator
@@ -36,6 +40,8 @@ from llamahome.errors import ConfigError, DataError
 from llamahome.files import RunDir, write_text_atomic
 from llamahome.hub.registry import resolve_model_path
 from llamahome.infer import evaluate as evaluate_lib
+from llamahome.infer import serve as serve_lib
+from llamahome.infer.engine import Engine
 from llamahome.infer.generator import Completion, Generator, Prompt, generator_for
 from llamahome.infer.samplers import SamplerConfig
 from llamahome.jobs import job
@@ -145,7 +151,8 @@ def generate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
                             ("prompt" if isinstance(prompt, str) else "messages"): prompt,
                             "completion": completion.text, "token_ids": completion.token_ids,
                             "prompt_tokens": completion.prompt_tokens,
-                            "finish_reason": completion.finish_reason, "seed": seed + first})
+                            "finish_reason": completion.finish_reason,
+                            "seed": seed + first + offset})  # prompt i samples with seed + i
     new_tokens = sum(len(r["token_ids"]) for r in records)
     logging.info("%d completions, %d new tokens in %.1f s", len(records), new_tokens,
                  time.perf_counter() - start)
@@ -226,7 +233,8 @@ def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
                                  cache_manager=CacheManager())
     result = evaluate_lib.evaluate_params(
         model.params, model.config, batches, mesh=mesh, rules=rules,
-        tokenizer=text_tokenizer if bits_per_byte else None, max_batches=max_batches)
+        tokenizer=text_tokenizer if bits_per_byte else None, max_batches=max_batches,
+        lora=model.lora, adapters=model.adapters)  # a LoRA checkpoint: on its base, unmerged
     extent = (f"its first {result.batches} batches" if result.batches == max_batches
               else f"all {result.batches} batches")
     logging.info("loss %.4f, perplexity %.2f, bits per byte %s over %d tokens (split %r, %s of "
@@ -243,3 +251,65 @@ def evaluate(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None =
         metrics.eval(model.step or 0, result.loss, bits_per_byte=result.bits_per_byte)
         metrics.close()
     return result.as_dict()
+
+
+# --- serve (gin/jobs/serve.gin): the OpenAI-compatible server ---
+
+SERVE_MAX_SEQ_LEN = 2048  # serve.max_seq_len=None: the model's context, at most this
+
+
+def _serve_tokenizer(model: LoadedModel, path: str | None) -> Tokenizer:
+    spec = TokenizerSpec(str(path)) if path else model.tokenizer
+    if spec is None:
+        raise ConfigError(f"no tokenizer found for {model.path}; set serve.tokenizer='...' to a "
+                          "tokenizer.json, a SentencePiece .model or a folder holding one")
+    return tokenizer_from_spec(spec)
+
+
+def served_name(checkpoint: str) -> str:
+    """The default `model` name clients send: a registry ref's name@N, else the folder's name."""
+    if checkpoint.startswith("model:"):
+        return checkpoint[len("model:"):]
+    return Path(checkpoint).expanduser().absolute().name
+
+
+@job
+def serve(run_dir: str, *, checkpoint: str = gin.REQUIRED, step: int | None = None,
+          tokenizer: str | None = None, model_name: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, allow_public: bool = False, max_batch: int = 8,
+          max_seq_len: int | None = None, max_queue: int = 64, dtype: str | None = None,
+          max_body_bytes: int = serve_lib.MAX_BODY_BYTES) -> None:
+    """Serves a checkpoint over an OpenAI-compatible HTTP API until interrupted (infer/serve.py).
+
+    `checkpoint` is what generate takes (a run dir, step dir, HF dir, `model:name@N`, or a LoRA
+    adapter on its base). The engine decodes `max_batch` requests at once in slots of
+    `max_seq_len` tokens; `max_queue` more may wait, then 429. Only loopback hosts are served
+    unless `allow_public`; LLAMAHOME_API_KEY (environment or .env), when set, is required.
+    """
+    if jax.process_count() > 1:
+        raise ConfigError("serve runs in one process (its mesh spans that host's devices); "
+                          "start it without LLAMAHOME_NUM_PROCESSES / a multi-host launcher")
+    sock = serve_lib.listen(host, port, allow_public)  # refused before anything is loaded
+    try:
+        mesh, rules = build_mesh(), axis_rules()
+        overrides = {"dtype": dtype} if dtype else {}
+        model = load_model(resolve_model_path(checkpoint, run_dir), step=step,
+                           config=LlamaConfig(), mesh=mesh, rules=rules, **overrides)
+        text_tokenizer = _serve_tokenizer(model, tokenizer)
+        seq_len = max_seq_len or min(model.config.max_seq_len, SERVE_MAX_SEQ_LEN)
+        with Engine(model.config, model.params, text_tokenizer, max_batch=max_batch,
+                    max_seq_len=seq_len, mesh=mesh, rules=rules, lora=model.lora,
+                    adapters=model.adapters, max_queue=max_queue) as engine:
+            name = model_name or served_name(checkpoint)
+            api_key = secrets.api_key()
+            app = serve_lib.build_app(engine, text_tokenizer, model_name=name, api_key=api_key,
+                                      loopback_only=not allow_public, max_body_bytes=max_body_bytes)
+            logging.info("serving %s as %r: %d slots of %d tokens, %d may wait; API key %s",
+                         describe(model), name, max_batch, seq_len, max_queue,
+                         "required" if api_key else "off")
+            print(serve_lib.usage_hint(net.url_of(sock), name, api_key is not None), flush=True)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                   timeout_graceful_shutdown=2))
+            server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -6,8 +6,11 @@
 `SamplerConfig` is what users bind in gin; `sampler_settings` turns it into a dict of scalar
 arrays holding only the enabled settings. Under `jax.jit` the dict's keys are static (which
 filters run) and its values are traced, so changing a temperature or top-p reuses the compiled
-decode step. Settings are applied in Hugging Face's order: repetition penalty, then (when
-sampling) temperature, top-k, top-p, min-p, then a categorical draw. `temperature == 0` is
+decode step. A value may also be one per row ([B]: the serving engine's slots, each with its
+own request); a row whose value is the setting's `OFF` value is left exactly as it was, so a
+row's token does not depend on which filters its batch neighbours turned on. Settings are
+applied in Hugging Face's order: repetition penalty, then (when sampling) temperature, top-k,
+top-p, min-p, then a categorical draw. `temperature == 0` is
 greedy. With the same key the draw is the same, so a seed reproduces a generation.
 """
 
@@ -22,6 +25,8 @@ import jax.numpy as jnp
 from llamahome.errors import ConfigError
 
 Settings = dict[str, jax.Array]
+# Per-row values that turn a setting off (temperature 0: greedy); `row_settings` fills them in.
+OFF = {"repetition_penalty": 1.0, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
 
 
 @gin.configurable
@@ -63,6 +68,16 @@ def sampler_settings(config: SamplerConfig) -> Settings:
     return settings
 
 
+def row_settings(config: SamplerConfig) -> dict[str, float]:
+    """Every setting's value for one row: `config`'s where enabled, else its `OFF` value."""
+    return {**OFF, **{name: value.item() for name, value in sampler_settings(config).items()}}
+
+
+def _rows(value: jax.Array) -> jax.Array:
+    """A setting [] or [B] as [1 | B, 1], to broadcast against logits [B, V]."""
+    return jnp.reshape(value, (-1, 1))
+
+
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
     """CTRL's penalty (Keskar et al. 2019, as HF): seen tokens' logits / p if > 0, else * p."""
     penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
@@ -72,8 +87,8 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
 def top_k_filter(logits: jax.Array, k: jax.Array) -> jax.Array:
     """Sets every logit below the k-th largest of its row to -inf (ties with it are kept)."""
     sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
-    k = jnp.clip(k, 1, logits.shape[-1])
-    threshold = jax.lax.dynamic_index_in_dim(sorted_desc, k - 1, axis=-1)  # [B, 1]
+    k = jnp.broadcast_to(jnp.clip(_rows(k), 1, logits.shape[-1]), (logits.shape[0], 1))
+    threshold = jnp.take_along_axis(sorted_desc, k - 1, axis=-1)  # [B, 1]
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
@@ -100,19 +115,25 @@ def min_p_filter(logits: jax.Array, min_p: jax.Array) -> jax.Array:
 
 def filtered_logits(logits: jax.Array, settings: Settings, seen: jax.Array | None = None
                     ) -> jax.Array:
-    """f32 logits [B, V] after the penalty, temperature and filters (what is sampled from)."""
+    """f32 logits [B, V] after the penalty, temperature and filters (what is sampled from).
+
+    Rows at a setting's OFF value skip it exactly (a penalty of 1 and a min-p of 0 already do).
+    """
     logits = logits.astype(jnp.float32)
     if "repetition_penalty" in settings:
-        logits = apply_repetition_penalty(logits, seen, settings["repetition_penalty"])
+        logits = apply_repetition_penalty(logits, seen, _rows(settings["repetition_penalty"]))
     if "temperature" not in settings:
         return logits
-    logits = logits / settings["temperature"]
+    temperature = _rows(settings["temperature"])
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0)
     if "top_k" in settings:
-        logits = top_k_filter(logits, settings["top_k"])
+        k = _rows(settings["top_k"])
+        logits = jnp.where(k > 0, top_k_filter(logits, k), logits)
     if "top_p" in settings:
-        logits = top_p_filter(logits, settings["top_p"])
+        p = _rows(settings["top_p"])
+        logits = jnp.where(p < 1, top_p_filter(logits, p), logits)
     if "min_p" in settings:
-        logits = min_p_filter(logits, settings["min_p"])
+        logits = min_p_filter(logits, _rows(settings["min_p"]))
     return logits
 
 
@@ -122,8 +143,19 @@ def sample(logits: jax.Array, key: jax.Array, settings: Settings,
 
     Row r draws with `fold_in(key, r)`, so its tokens do not depend on the batch size.
     """
-    logits = filtered_logits(logits, settings, seen)
-    if "temperature" not in settings:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return sample_rows(logits, keys, settings, seen)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, settings: Settings,
+                seen: jax.Array | None = None) -> jax.Array:
+    """Token ids [B] int32 from logits [B, V], row r drawing with its own key `keys[r]`.
+
+    Rows with temperature 0 (or all rows, when temperature is not in `settings`) take the argmax.
+    """
+    logits = filtered_logits(logits, settings, seen)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if "temperature" not in settings:
+        return greedy
+    drawn = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return jnp.where(_rows(settings["temperature"])[:, 0] > 0, drawn, greedy)

@@ -113,19 +113,20 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     """[B, 1, T, S] bool: causal by slot, same segment, and the key is not padding (segment 0).
 
     Query t sits at slot q_offset + t of the key sequence (q_offset > 0 when decoding into a
-    KV cache); it may attend key slot s <= q_offset + t whose segment id equals its own.
+    KV cache; [] for the whole batch or [B], one per row); it may attend key slot
+    s <= q_offset + t whose segment id equals its own.
     A padding query (segment 0) attends only its own slot, so no row is empty: an all-masked
     row would make implementations disagree (cuDNN's gradient through such rows differs from
     XLA's), while this one is the same everywhere and padding still never reaches a real token.
     """
     q_len, kv_len = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-    q_slots = q_offset + jnp.arange(q_len)[:, None]
-    kv_slots = jnp.arange(kv_len)[None, :]
-    causal = kv_slots <= q_slots  # [T, S]
+    q_slots = jnp.reshape(q_offset, (-1, 1, 1)) + jnp.arange(q_len)[:, None]  # [1 | B, T, 1]
+    kv_slots = jnp.arange(kv_len)
+    causal = kv_slots <= q_slots  # [1 | B, T, S]
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
     valid = (kv_segment_ids != 0)[:, None, :]
-    own_slot = (q_segment_ids == 0)[:, :, None] & (kv_slots == q_slots)[None]
-    return (causal[None] & same & valid | own_slot)[:, None]
+    own_slot = (q_segment_ids == 0)[:, :, None] & (kv_slots == q_slots)
+    return (causal & same & valid | own_slot)[:, None]
 
 
 CAUSAL_BLOCK = 128  # query rows per block when blocks above the causal diagonal are skipped

@@ -5,6 +5,7 @@
     model = load_model("runs/20250101-120000/checkpoints/200") # the same, by path
     model = load_model("models/llama3_2_1b")                   # import_hf: params/ + model.gin
     model = load_model("/models/Llama-3.2-1B")                 # a Hugging Face directory
+    model = load_model("models/my-adapter")                    # a LoRA adapter: base + adapters
 
 An import_hf output dir (model/hf_jobs.py) holds `PARAMS_SUBDIR`/ (a params checkpoint,
 params_io.py) and `MODEL_GIN` (the model's LlamaConfig bindings).
@@ -16,6 +17,16 @@ A training run's tokenizer is the copy in its run dir (`<run_dir>/tokenizer/`), 
 its config binds; other kinds use the tokenizer files beside the weights.
 `overrides` change run-time fields (e.g. dtype="bfloat16"). With a mesh the params are
 restored directly onto their shardings from the logical axis rules.
+
+LoRA adapters (model/lora.py) are checkpoints too: a LoRA training step (its state holds the
+adapters, and `adapter.json` sits beside it) or an adapter directory (import_peft's output, a
+LoRA export_hf: PEFT's adapter_config.json + adapter_model.safetensors, plus `adapter.json`).
+Loading one loads its base from `adapter.json` (base path and step), refuses a base whose
+`params_digest` differs from the recorded one, and returns the base params with `lora` and
+`adapters` set, unmerged: `Llama(config, lora).apply({"params": params, "lora": adapters})`.
+A PEFT directory without `adapter.json` names no base LlamaHome can verify: import it with
+the import_peft job first. An adapter trained on a quantized base (QLoRA, adapter.json's
+base.quant) is applied to the full-precision base, as PEFT applies QLoRA adapters.
 """
 
 from __future__ import annotations
@@ -26,14 +37,21 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from llamahome.config.gin_config import gin_bindings
 from llamahome.data.tokenizer import TokenizerSpec, run_tokenizer
 from llamahome.errors import CheckpointError
 from llamahome.files import RunDir
-from llamahome.model import hf, params_io
-from llamahome.model.llama import LlamaConfig, param_logical_axes, param_shapes
+from llamahome.model import hf, lora, params_io, peft
+from llamahome.model.llama import (
+    LlamaConfig,
+    adapter_logical_axes,
+    adapter_shapes,
+    param_logical_axes,
+    param_shapes,
+)
 from llamahome.parallel.mesh import Rules, logical_shardings
 
 PARAMS_SUBDIR = "params"
@@ -43,15 +61,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A model config, its params (device arrays), and its tokenizer if the checkpoint says."""
+    """A model config, its params (device arrays), and its tokenizer if the checkpoint says.
+
+    For a LoRA adapter, `params` is its base, and `lora` / `adapters` are set (see above).
+    """
 
     config: LlamaConfig
     params: dict
     tokenizer: TokenizerSpec | None
-    kind: str  # "train" | "params" | "hf"
-    path: Path  # the step dir, params dir or HF dir read
+    kind: str  # "train" | "params" | "hf" | "adapter"
+    path: Path  # the step dir, params dir, HF dir or adapter dir read
     step: int | None = None
     gin_config: str | None = None  # a training step's saved gin config (its data, its schedule)
+    lora: lora.LoraConfig | None = None
+    adapters: dict | None = None
+    adapter_meta: lora.AdapterMeta | None = None  # its adapter.json: which base, its digest
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -67,6 +91,8 @@ def resolve(path: str | Path, step: int | None = None) -> tuple[str, Path]:
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if peft.is_peft_dir(path):  # before config.json: an adapter dir may hold a copy of it
+        return "adapter", path
     if (path / "config.json").is_file():
         return "hf", path
     if _is_step_dir(path):
@@ -88,8 +114,8 @@ def resolve(path: str | Path, step: int | None = None) -> tuple[str, Path]:
         return "params", path
     raise CheckpointError(
         f"{path} is not a checkpoint: expected a training run dir (with checkpoints/<step>/), "
-        "a step dir, an import_hf output (params/ + model.gin) or a Hugging Face directory "
-        "(config.json + safetensors)")
+        "a step dir, an import_hf output (params/ + model.gin), a Hugging Face directory "
+        "(config.json + safetensors) or a LoRA adapter (adapter_config.json + adapter.json)")
 
 
 def _saved_gin_config(step_dir: Path) -> str:
@@ -128,16 +154,23 @@ def _tokenizer_bound(gin_text: str) -> TokenizerSpec | None:
     return TokenizerSpec(bound["path"], *(bound.get(f"{t}_token") for t in ("bos", "eos", "pad")))
 
 
-def _shardings(config: LlamaConfig, mesh: Mesh | None, rules: Rules | None):
+def _shardings(config: LlamaConfig, mesh: Mesh | None, rules: Rules | None,
+               adapters: lora.LoraConfig | None = None):
+    """Shardings of the params (or, given a LoraConfig, of the adapters) by the axis rules."""
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, param_shapes(config))
-    return logical_shardings(param_logical_axes(config), mesh, rules)
+        shapes = adapter_shapes(config, adapters) if adapters else param_shapes(config)
+        return jax.tree.map(lambda _: device, shapes)
+    axes = adapter_logical_axes(config, adapters) if adapters else param_logical_axes(config)
+    return logical_shardings(axes, mesh, rules)
 
 
-def _restore_train_params(step_dir: Path, config: LlamaConfig, shardings) -> dict:
+def _restore_train_params(step_dir: Path, config: LlamaConfig, shardings,
+                          shapes: dict | None = None) -> dict:
+    """The state's "params" (the adapters of a LoRA step, with their `shapes`), partially read."""
+    shapes = param_shapes(config) if shapes is None else shapes
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          param_shapes(config), shardings)
+                          shapes, shardings)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
                                 target)
     with ocp.PyTreeCheckpointer() as checkpointer:
@@ -153,8 +186,16 @@ def _restore_train_params(step_dir: Path, config: LlamaConfig, shardings) -> dic
 def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig | None = None,
                mesh: Mesh | None = None, rules: Rules | None = None,
                **overrides: Any) -> LoadedModel:
-    """Reads config and params from a run dir / step dir / params checkpoint / HF directory."""
+    """Reads config and params from a run dir / step dir / params checkpoint / HF directory,
+    or a LoRA adapter's base params and adapters."""
     kind, where = resolve(path, step)
+    meta = lora.read_meta(where) if kind in ("train", "adapter") else None
+    if meta is not None:
+        return _load_adapter(kind, where, meta, mesh, rules, overrides)
+    if kind == "adapter":
+        raise CheckpointError(f"{where} is a PEFT adapter without the adapter.json that names its "
+                              "base; load it onto its base with the import_peft job "
+                              "(gin/jobs/import_peft.gin)")
     if kind == "hf":
         hf_config, host_params = hf.load_hf_checkpoint(where, **overrides)
         params = jax.device_put(host_params, _shardings(hf_config, mesh, rules))
@@ -180,10 +221,46 @@ def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig
     return LoadedModel(model_config, params, _tokenizer_in(where.parent, where), kind, where)
 
 
+def _load_adapter(kind: str, where: Path, meta: lora.AdapterMeta, mesh: Mesh | None,
+                  rules: Rules | None, overrides: dict) -> LoadedModel:
+    """The base of `meta` (digest checked) with the adapters of `where` (a step or PEFT dir)."""
+    arch = _config_from_gin(meta.architecture, where / lora.META_FILE)
+    text, held = None, {}
+    if kind == "train":  # the digest covers dtypes: read the base as the run held it
+        text = _saved_gin_config(where)
+        held = {"param_dtype": _config_from_gin(text, where).param_dtype}
+    base = load_model(meta.base_path, step=meta.base_step, config=arch, mesh=mesh, rules=rules,
+                      **{**held, **overrides})
+    if base.lora is not None:
+        raise CheckpointError(f"{where}: its base {meta.base_path} is itself an adapter; "
+                              "adapters go on a plain base model")
+    lora.check_base(meta, lora.params_digest(base.params), str(where))
+    if meta.base_quant:
+        logging.info("%s was trained on its base quantized to %s; it runs on the base as "
+                     "stored", where, meta.base_quant)
+    shardings = _shardings(base.config, mesh, rules, meta.lora)
+    if kind == "train":
+        adapters = _restore_train_params(where, base.config, shardings,
+                                         adapter_shapes(base.config, meta.lora))
+        tokenizer = run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
+        step = int(where.name)
+    else:
+        step, tokenizer = None, _tokenizer_in(where)
+        _, host = peft.load_peft_adapter(where, base.config)
+        adapters = jax.device_put(host, shardings)
+    return dataclasses.replace(
+        base, tokenizer=tokenizer or base.tokenizer, kind=kind, path=where, step=step,
+        gin_config=text or base.gin_config, lora=meta.lora, adapters=adapters, adapter_meta=meta)
+
+
 def load_params_for(path: str | Path, config: LlamaConfig, shardings, *,
                     step: int | None = None) -> dict:
     """Params for `config` from any checkpoint kind (what `train.init_from` starts from)."""
     kind, where = resolve(path, step)
+    if kind == "adapter" or (kind == "train" and lora.read_meta(where)):
+        raise CheckpointError(f"{where} is a LoRA adapter, not a full model; start from its base "
+                              "(train.init_from = its base) or merge it first (export_hf with "
+                              "export_hf.merged=True)")
     if kind == "train":
         return _restore_train_params(where, config, shardings)
     if kind == "params":
@@ -201,6 +278,11 @@ def load_params_for(path: str | Path, config: LlamaConfig, shardings, *,
 def describe(model: LoadedModel) -> str:
     """One line naming what was loaded."""
     at = f" step {model.step}" if model.step is not None else ""
-    return (f"{model.config.name} ({model.config.num_params():,} params) from {model.kind} "
+    what = (f"{model.config.name} ({model.config.num_params():,} params) from {model.kind} "
             f"checkpoint {model.path}{at}")
+    meta = model.adapter_meta
+    if meta is None:
+        return what
+    return (f"{what}: LoRA r={meta.lora.rank} on {', '.join(meta.lora.targets)} over base "
+            f"{meta.base_ref} ({meta.base_path})")
 

@@ -14,10 +14,11 @@ and written. Errors name the key or tensor at fault.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,12 @@ def _layer_tensors(c: LlamaConfig) -> dict[str, tuple[tuple[str, str], Callable,
     }
 
 
+def layer_paths(c: LlamaConfig) -> dict[str, tuple[str, str]]:
+    """HF module name inside `model.layers.{i}` (e.g. `self_attn.q_proj`) -> our path under
+    params["layers"] (e.g. ("attention", "q_proj")); PEFT adapters name the same modules."""
+    return {key.removesuffix(".weight"): path for key, (path, _, _) in _layer_tensors(c).items()}
+
+
 def hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name an HF checkpoint of `c` holds, with its shape."""
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
@@ -194,14 +201,18 @@ def read_hf_config(hf_dir: str | os.PathLike, name: str | None = None,
                    **overrides: Any) -> LlamaConfig:
     """The LlamaConfig of an HF directory's config.json (named after the directory by default)."""
     hf_dir = Path(hf_dir).expanduser()
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory: no config.json")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    hf_config = read_json(hf_dir / "config.json", "a Hugging Face model directory")
     return config_from_hf(hf_config, name=name or hf_dir.name, **overrides)
+
+
+def read_json(path: Path, folder_kind: str) -> Any:
+    """A model folder's JSON file; CheckpointError naming the folder when missing or malformed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} is not {folder_kind}: no {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_hf_checkpoint(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
@@ -273,15 +284,15 @@ def save_hf_checkpoint(hf_dir: str | os.PathLike, config: LlamaConfig, params: d
     The directory is written under a temporary name and renamed into place, so a killed
     export never leaves a half-written model behind; an existing non-empty `hf_dir` is refused.
     """
-    hf_dir = Path(hf_dir).expanduser()
-    if hf_dir.exists() and any(hf_dir.iterdir()):
-        raise CheckpointError(f"{hf_dir} already exists and is not empty; choose another "
-                              "output directory or remove it")
     tensors = hf_tensors(config, params, dtype)
     shards = _shard(tensors, max_shard_bytes)
-    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with new_dir(hf_dir) as tmp:
+        _write_hf_dir(tmp, config, tensors, shards, dtype)
+    return Path(hf_dir).expanduser()
+
+
+def _write_hf_dir(tmp: Path, config: LlamaConfig, tensors: dict[str, np.ndarray],
+                  shards: list[dict[str, np.ndarray]], dtype: Any) -> None:
     hf_config = config_to_hf(config)
     if dtype is not None:
         hf_config["torch_dtype"] = np.dtype(dtype).name
@@ -297,10 +308,30 @@ def save_hf_checkpoint(hf_dir: str | os.PathLike, config: LlamaConfig, params: d
         total = sum(t.nbytes for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if hf_dir.exists():
-        hf_dir.rmdir()
-    os.replace(tmp, hf_dir)
-    return hf_dir
+
+
+@contextlib.contextmanager
+def new_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds.
+
+    A killed or failed write never leaves a half-written directory at `out`; an existing
+    non-empty `out` is refused before anything is written.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} already exists and is not empty; choose another "
+                              "output directory or remove it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

@@ -12,8 +12,21 @@ TOKENIZER_FILES), so every job runs on the import with no tokenizer flag.
 writes an HF directory that `transformers` loads and runs like the model it came from: weights,
 config.json with the bos/eos/pad ids, the run's tokenizer files with its chat template, and
 generation_config.json (the model's own, else one whose `eos_token_id` lists the tokenizer's
-stop ids). `checkpoint` is a training run dir (latest step, or `step`), a step dir, or an
-import_hf output dir.
+stop ids). `checkpoint` is a training run dir (latest step, or `step`), a step dir, an
+import_hf output dir or `model:name@N`. A LoRA checkpoint (a LoRA run, an import_peft output)
+is written as a PEFT adapter dir that `peft.PeftModel.from_pretrained(base, out)` loads
+(adapter_config.json + adapter_model.safetensors, plus LlamaHome's adapter.json naming the
+base, so the export is itself a checkpoint every job takes); with `export_hf.merged=True` the
+adapters are folded into the base and a plain HF model is written.
+
+    python -m llamahome.launch --gin_file=gin/jobs/import_peft.gin \
+        --gin_param='import_peft.adapter_dir="/adapters/my-lora"' \
+        --gin_param='import_peft.base="model:llama3_2_1b@1"'
+loads a PEFT LoRA adapter onto its base (any checkpoint: a registry ref, an import_hf output,
+an HF dir) into <output_dir> (default <models_dir>/<adapter dir name>): the adapter in PEFT
+form, adapter.json (the base's path, step and content digest, verified whenever the adapter
+is loaded) and the base's tokenizer files. With `register_as` it becomes a registry version
+whose parent is the base (when the base is a registry ref).
 """
 
 from __future__ import annotations
@@ -27,11 +40,19 @@ import gin
 from absl import logging
 
 from llamahome.data.tokenizer import TOKENIZER_FILES, TokenizerSpec, tokenizer_from_spec
+from llamahome.errors import CheckpointError
 from llamahome.files import models_dir
 from llamahome.hub import download, storage
+from llamahome.hub.registry import MODEL_REF_PREFIX, Registry, parse_ref, resolve_model_path
 from llamahome.jobs import job
-from llamahome.model import hf, params_io
-from llamahome.model.checkpoints import MODEL_GIN, PARAMS_SUBDIR, describe, load_model
+from llamahome.model import hf, lora, params_io, peft
+from llamahome.model.checkpoints import (
+    MODEL_GIN,
+    PARAMS_SUBDIR,
+    LoadedModel,
+    describe,
+    load_model,
+)
 from llamahome.model.llama import DTYPES, LlamaConfig, architecture_gin
 
 
@@ -102,24 +123,95 @@ def _add_special_ids(out: Path, spec: TokenizerSpec) -> None:
 @job
 def export_hf(run_dir: str, checkpoint: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
               step: int | None = None, dtype: str | None = None, register_as: str | None = None,
-              parent: str | None = None) -> str:
-    """Writes a checkpoint (run dir, step dir or params dir) as an HF directory; may register it.
+              parent: str | None = None, merged: bool = False) -> str:
+    """Writes a checkpoint as an HF directory (a LoRA one as a PEFT adapter dir, or merged into
+    a plain HF model with `merged`); may register it.
 
     With `register_as`, the export becomes a new version in the model registry, recorded as a
-    fine-tune of `parent` (a registry ref such as 'llama3_2_1b@1') when given.
+    fine-tune of `parent` (a registry ref such as 'llama3_2_1b@1') when given; an adapter's
+    parent defaults to its base when that is a registry version.
     """
-    model = load_model(checkpoint, step=step, config=LlamaConfig())
-    out = hf.save_hf_checkpoint(output_dir, model.config, model.params,
-                                dtype=DTYPES[dtype] if dtype else None)
+    model = load_model(resolve_model_path(checkpoint, run_dir), step=step, config=LlamaConfig())
+    np_dtype = DTYPES[dtype] if dtype else None
+    if model.lora is not None and not merged:
+        out = _write_adapter(output_dir, model, model.adapter_meta, np_dtype)
+    else:
+        params = model.params
+        if model.lora is not None:
+            params = lora.merge(model.params, model.adapters, model.lora)
+        out = hf.save_hf_checkpoint(output_dir, model.config, params, dtype=np_dtype)
+        _add_tokenizer(out, model, checkpoint)
+    logging.info("exported %s to %s%s", describe(model), out,
+                 " (adapters merged)" if model.lora is not None and merged else "")
+    if register_as:
+        _register(out, register_as, parent or (None if merged else _base_parent(model)))
+    return str(out)
+
+
+def _add_tokenizer(out: Path, model: LoadedModel, checkpoint: str) -> None:
     if model.tokenizer is None:
         logging.warning("%s names no tokenizer: the export has no tokenizer, chat template or "
                         "generation config; train with load_tokenizer.path bound", checkpoint)
-    else:
-        _copy_tokenizer(Path(model.tokenizer.path).expanduser(), Path(out))
-        _add_special_ids(Path(out), model.tokenizer)
-    logging.info("exported %s to %s", describe(model), out)
+        return
+    _copy_tokenizer(Path(model.tokenizer.path).expanduser(), Path(out))
+    _add_special_ids(Path(out), model.tokenizer)
+
+
+def _base_parent(model: LoadedModel) -> str | None:
+    """The registry version holding an adapter's base, when it was named as `model:name[@N]`
+    (the version its files are in, so `model:name` names the version trained on)."""
+    meta = model.adapter_meta
+    if meta is None or not meta.base_ref.startswith(MODEL_REF_PREFIX):
+        return None
+    registry = Registry(models_dir())
+    name, _ = parse_ref(meta.base_ref[len(MODEL_REF_PREFIX):])
+    base = Path(meta.base_path).resolve()
+    return next((v.ref for v in registry.list(name)
+                 if base.is_relative_to(registry.version_dir(v).resolve())), None)
+
+
+def _register(out: Path, name: str, parent: str | None) -> None:
+    version = download.install(str(out), name=name, parent=parent,
+                               budget=storage.StorageBudget(), progress=False)
+    logging.info("registered %s%s", version.ref, f" (parent {version.parent})"
+                 if version.parent else "")
+
+
+def _write_adapter(output_dir: str | Path, model: LoadedModel, meta: lora.AdapterMeta,
+                   dtype=None) -> Path:
+    """A PEFT adapter dir of `model`'s adapters with its adapter.json and tokenizer files.
+
+    Its base_model_name_or_path is the base's directory when transformers can load it (an HF
+    dir, e.g. a registered Hub model), else the base as the user named it.
+    """
+    is_hf = (Path(meta.base_path) / "config.json").is_file()
+    with hf.new_dir(output_dir) as tmp:
+        peft.write_peft_files(tmp, model.config, model.adapters, model.lora,
+                              base_name=meta.base_path if is_hf else meta.base_ref, dtype=dtype)
+        lora.write_meta(tmp, meta)
+        if model.tokenizer is not None:
+            _copy_tokenizer(Path(model.tokenizer.path).expanduser(), tmp)
+    return Path(output_dir).expanduser()
+
+
+@job
+def import_peft(run_dir: str, adapter_dir: str = gin.REQUIRED, base: str = gin.REQUIRED,
+                output_dir: str | None = None, register_as: str | None = None) -> str:
+    """Loads a PEFT LoRA adapter onto `base` as a LlamaHome adapter dir; returns output_dir."""
+    base_model = load_model(resolve_model_path(base, run_dir), config=LlamaConfig())
+    if base_model.lora is not None:
+        raise CheckpointError(f"import_peft.base={base!r} is itself a LoRA adapter; name its "
+                              "base model instead")
+    lora_config, adapters = peft.load_peft_adapter(adapter_dir, base_model.config)
+    meta = lora.AdapterMeta(
+        lora=lora_config, base_ref=base, base_path=str(base_model.path), base_step=base_model.step,
+        base_digest=lora.params_digest(base_model.params), base_quant=None,
+        architecture=architecture_gin(base_model.config))
+    out = Path(output_dir).expanduser() if output_dir else models_dir() / Path(adapter_dir).name
+    model = dataclasses.replace(base_model, lora=lora_config, adapters=adapters)
+    _write_adapter(out, model, meta)
+    logging.info("imported LoRA adapter %s (r=%d on %s) onto %s into %s", adapter_dir,
+                 lora_config.rank, ", ".join(lora_config.targets), describe(base_model), out)
     if register_as:
-        version = download.install(str(out), name=register_as, parent=parent,
-                                   budget=storage.StorageBudget(), progress=False)
-        logging.info("registered %s%s", version.ref, f" (fine-tune of {parent})" if parent else "")
+        _register(out, register_as, _base_parent(dataclasses.replace(model, adapter_meta=meta)))
     return str(out)

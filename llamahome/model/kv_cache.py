@@ -7,19 +7,26 @@ Shapes (a pytree, so it passes through `jax.jit` and can be donated):
     k, v         one [batch, max_len, kv_heads, head_dim] array per layer (a tuple), in the
                  compute dtype, keys already rotated
     segment_ids  [batch, max_len] int32  segment id of each written slot; 0 = padding or empty
-    index        [] int32                the next slot to write, shared by the whole batch
+    index        [] int32                the next slot to write, shared by the whole batch, or
+                 [batch] int32           one per row (`init_cache(..., per_row=True)`)
 
-Each call writes its T new keys/values to slots [index, index + T) of every row and advances
-index by T. Query t of the call sits at slot index + t and attends slot s only if s <= index + t,
-segment_ids[s] equals its own segment id, and segment_ids[s] != 0 (attention.attention_mask).
+Each call writes its T new keys/values to slots [index, index + T) of every row (of each row at
+its own index, when per row) and advances index by T. Query t of the call sits at slot index + t
+and attends slot s only if s <= index + t, segment_ids[s] equals its own segment id, and
+segment_ids[s] != 0 (attention.attention_mask).
 
-Left-padded prompts of different lengths: pad each row on the left to the same length T and
-pass segment_ids 1 on real tokens and 0 on padding, with positions counting real tokens only
-(`left_padded_positions`); decode steps then pass segment_ids 1 and each row's next position.
-Padding slots carry segment 0, so no query ever attends them, and every row's real tokens line
-up on the same slots, so one shared index suffices. index + T must stay <= max_len: writes past
-the end are clamped by `lax.dynamic_update_slice`, so the caller sizes max_len for prompt plus
-new tokens.
+Left-padded prompts of different lengths (shared index): pad each row on the left to the same
+length T and pass segment_ids 1 on real tokens and 0 on padding, with positions counting real
+tokens only (`left_padded_positions`); decode steps then pass segment_ids 1 and each row's next
+position. Padding slots carry segment 0, so no query ever attends them, and every row's real
+tokens line up on the same slots, so one shared index suffices.
+
+Per-row index (the serving engine, llamahome/infer/engine.py): each row is its own sequence,
+right-padded, with slot = position; a row can be refilled with a new prompt while the others
+keep decoding, and a decode step writes each row at its own length.
+
+index + T must stay <= max_len: writes past the end are clamped by `lax.dynamic_update_slice`,
+so the caller sizes max_len for prompt plus new tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
     v: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
     segment_ids: jax.Array  # [batch, max_len] int32, 0 = padding or not yet written
-    index: jax.Array  # [] int32
+    index: jax.Array  # [] int32, or [batch] int32 when each row has its own
 
     @property
     def max_len(self) -> int:
@@ -49,3 +56,17 @@ class KVCache:
 def left_padded_positions(segment_ids: jax.Array) -> jax.Array:
     """Positions [B, T] of left-padded rows: 0, 1, ... over real tokens, 0 on padding."""
     return jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def write_slots(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`cached` [B, S, ...] with `new` [B, T, ...] written at slots [index, index + T) of each row.
+
+    A shared index [] is one dynamic_update_slice; a per-row index [B] one per row (a scatter,
+    updated in place when the cache is donated).
+    """
+    new = new.astype(cached.dtype)
+    zeros = (0,) * (cached.ndim - 2)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cached, new, (0, index, *zeros))
+    return jax.vmap(lambda row, update, i: jax.lax.dynamic_update_slice(row, update, (i, *zeros))
+                    )(cached, new, index)

@@ -16,6 +16,8 @@ layer scanning and activation checkpointing as wrappers, without a second copy o
     logits = Llama(config).apply({"params": params}, tokens, positions, segment_ids)
     logits, cache = Llama(config).apply({"params": params}, tokens, positions, segment_ids,
                                         cache=cache)                # cache = init_cache(...)
+    adapters = init_adapters(config, lora_config, rng)              # LoRA (model/lora.py)
+    logits = Llama(config, lora_config).apply({"params": params, "lora": adapters}, tokens)
 
 tokens, positions, segment_ids: [batch, length] int32; positions default to 0..T-1 (or to
 cache.index + 0..T-1); segment_ids default to all 1: a token attends earlier tokens of its own
@@ -28,6 +30,8 @@ Parameter tree: embedding [vocab, embed]; layers/{attention_norm,mlp_norm}/scale
 layers/attention/{q_proj [L, embed, heads, head_dim], k_proj, v_proj [L, embed, kv_heads,
 head_dim], o_proj [L, heads, head_dim, embed]}; layers/mlp/{gate_proj, up_proj [L, embed, mlp],
 down_proj [L, mlp, embed]}; final_norm/scale [embed]; lm_head [embed, vocab] (untied only).
+Any projection may be a `quant.Quantized` leaf (a frozen QLoRA base): it is dequantized where
+it is read, inside the compiled step.
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ from jax.ad_checkpoint import checkpoint_name
 from llamahome.config.gin_config import gin_bindings
 from llamahome.errors import ConfigError, did_you_mean
 from llamahome.model import attention as attention_lib
+from llamahome.model import lora as lora_lib
+from llamahome.model import quant
 from llamahome.model.attention import apply_rope, inverse_frequencies, rope_angles
-from llamahome.model.kv_cache import KVCache
+from llamahome.model.kv_cache import KVCache, write_slots
+from llamahome.model.lora import LoraConfig
 
 # --- The config ---
 
@@ -256,6 +263,82 @@ def _matmul(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
     return out.reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
 
 
+# --- Projections: the base weight (plain or quantized) and its LoRA adapter ---
+
+def _base_weight(module: nn.Module, name: str, shape: tuple[int, ...],
+                 axes: tuple[str, ...]) -> jax.Array:
+    """The frozen or trained base weight `name` [*shape] in the compute dtype.
+
+    A quantized leaf (model/quant.py) is read as stored: Flax's shape check would compare its
+    packed values with `shape`. Scanned or unstacked, it is one layer's slice of the stacked
+    weight, which quant.py dequantizes as that layer's.
+    """
+    c = module.config
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if quant.is_quantized(stored):
+            return quant.materialize(stored, c.compute_dtype)
+    w = module.param(name, nn.with_logical_partitioning(_INIT, axes), shape, c.params_dtype)
+    return quant.materialize(w, c.compute_dtype)
+
+
+def _adapter(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+             in_dims: int) -> tuple[jax.Array, jax.Array] | None:
+    """(A [*fan_in, r], B [r, *fan_out]) of `name` in the "lora" collection, None if not a target.
+
+    A is PEFT's Kaiming-uniform (torch's kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in))),
+    B zeros, so a new adapter changes nothing. Axes: the base's, with "lora_rank" for r.
+    """
+    lora = module.lora
+    if lora is None or name not in lora.targets:
+        return None
+    c, r = module.config, lora.rank
+    init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                              in_axis=tuple(range(in_dims)), out_axis=-1)
+    parts = {"a": (init_a, (*shape[:in_dims], r), (*axes[:in_dims], lora_lib.RANK_AXIS)),
+             "b": (nn.initializers.zeros, (r, *shape[in_dims:]),
+                   (lora_lib.RANK_AXIS, *axes[in_dims:]))}
+    out = []
+    for part, (init, part_shape, part_axes) in parts.items():
+        boxed = nn.with_logical_partitioning(init, part_axes)
+        var = module.variable("lora", f"{name}_{part}", lambda b=boxed, s=part_shape: b(
+            module.make_rng("params"), s, c.params_dtype))
+        out.append(var.value.astype(c.compute_dtype))
+    return out[0], out[1]
+
+
+def _projection(module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...],
+                axes: tuple[str, ...], in_dims: int = 1) -> jax.Array:
+    """x [B, T, *shape[:in_dims]] @ W -> [B, T, *shape[in_dims:]], plus the LoRA update if any.
+
+    y = x @ W + scale * (dropout(x) @ A) @ B as two thin matmuls, never W + A @ B: the base
+    weight is then a constant of the step, and a LoRA step computes no gradient for it.
+    Dropout applies when the caller passes a "dropout" rng (training).
+    """
+    y = _matmul(x, _base_weight(module, name, shape, axes), in_dims)
+    adapter = _adapter(module, name, shape, axes, in_dims)
+    if adapter is None:
+        return y
+    lora = module.lora
+    if lora.dropout and module.has_rng("dropout"):
+        keep, kept = _keep_mask(module.make_rng("dropout"), x.shape, lora.dropout)
+        x = jnp.where(keep, x / kept, 0).astype(x.dtype)
+    # scale folded into B [r, out]: one pass less over the [tokens, out] update.
+    update = _matmul(_matmul(x, adapter[0], in_dims), adapter[1] * lora.scale)
+    return y + update.astype(y.dtype)
+
+
+def _keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+    """(Bernoulli(1 - rate) mask [*shape], its exact keep probability), from 16 random bits per
+    element, two per 32-bit word: 1/5 of `jax.random.bernoulli`'s time on CPU (which draws a
+    float per element); the probability is `rate` rounded to a multiple of 1/65536."""
+    n = math.prod(shape)
+    words = jax.random.bits(rng, (-(-n // 2),), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n]
+    threshold = min(max(round((1.0 - rate) * 65536), 1), 65535)
+    return halves.reshape(shape) < threshold, threshold / 65536
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale, normalised in float32 (Zhang & Sennrich 2019; as HF LlamaRMSNorm)."""
 
@@ -275,38 +358,32 @@ class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optionally reading and writing a layer's KV cache."""
 
     config: LlamaConfig
-
-    def _weight(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
-        w = self.param(name, nn.with_logical_partitioning(_INIT, axes), shape,
-                       self.config.params_dtype)
-        return w.astype(self.config.compute_dtype)
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, sin, cos, mask, cache_index, layer_cache):
         c = self.config
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = self._weight("q_proj", (d, n, h), ("embed", "heads", "head_dim"))
-        wk = self._weight("k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wv = self._weight("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wo = self._weight("o_proj", (n, h, d), ("heads", "head_dim", "embed"))
-
-        q = checkpoint_name(_matmul(x, wq), "query_proj")  # [B, T, n, h]
-        key = checkpoint_name(_matmul(x, wk), "key_proj")  # [B, T, k, h]
-        value = checkpoint_name(_matmul(x, wv), "value_proj")
+        q = checkpoint_name(_projection(self, "q_proj", x, (d, n, h),  # [B, T, n, h]
+                                        ("embed", "heads", "head_dim")), "query_proj")
+        key = checkpoint_name(_projection(self, "k_proj", x, (d, k, h),  # [B, T, k, h]
+                                          ("embed", "kv_heads", "head_dim")), "key_proj")
+        value = checkpoint_name(_projection(self, "v_proj", x, (d, k, h),
+                                            ("embed", "kv_heads", "head_dim")), "value_proj")
         q = _constrain(apply_rope(q, sin, cos), "batch", "length", "heads", None)
         key = _constrain(apply_rope(key, sin, cos), "batch", "length", "kv_heads", None)
         value = _constrain(value, "batch", "length", "kv_heads", None)
 
         if layer_cache is not None:  # [B, max_len, kv_heads, head_dim] each
-            cached_k, cached_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
-            value = jax.lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
+            key = write_slots(layer_cache[0], key, cache_index)
+            value = write_slots(layer_cache[1], value, cache_index)
             layer_cache = (key, value)
 
         out = attention_lib.get_attention(c.attention_impl)(  # [B, T, n, h]
             q, key, value, mask, causal=layer_cache is None)
-        out = checkpoint_name(_matmul(out, wo, in_dims=2), "attention_out")  # [B, T, d]
+        out = checkpoint_name(_projection(self, "o_proj", out, (n, h, d),  # [B, T, d]
+                                          ("heads", "head_dim", "embed"), in_dims=2),
+                              "attention_out")
         return out, layer_cache
 
 
@@ -314,20 +391,16 @@ class Mlp(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
 
     config: LlamaConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         d, f = c.hidden_size, c.intermediate_size
-
-        def weight(name, shape, axes):
-            w = self.param(name, nn.with_logical_partitioning(_INIT, axes), shape, c.params_dtype)
-            return w.astype(c.compute_dtype)
-
-        gate = _matmul(x, weight("gate_proj", (d, f), ("embed", "mlp")))  # [B, T, f]
-        up = _matmul(x, weight("up_proj", (d, f), ("embed", "mlp")))
+        gate = _projection(self, "gate_proj", x, (d, f), ("embed", "mlp"))  # [B, T, f]
+        up = _projection(self, "up_proj", x, (d, f), ("embed", "mlp"))
         hidden = _constrain(jax.nn.silu(gate) * up, "batch", "length", "mlp")
-        out = _matmul(hidden, weight("down_proj", (f, d), ("mlp", "embed")))  # [B, T, d]
+        out = _projection(self, "down_proj", hidden, (f, d), ("mlp", "embed"))  # [B, T, d]
         return checkpoint_name(out, "mlp_out")
 
 
@@ -335,19 +408,21 @@ class Block(nn.Module):
     """One pre-norm decoder layer: x + attention(norm(x)), then + mlp(norm(x))."""
 
     config: LlamaConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, sin, cos, mask, cache_index, layer_cache):
-        attn_out, layer_cache = Attention(self.config, name="attention")(
+        attn_out, layer_cache = Attention(self.config, self.lora, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x), sin, cos, mask, cache_index,
             layer_cache)
         x = x + attn_out
-        x = x + Mlp(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = x + Mlp(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         return _constrain(x, "batch", "length", "embed"), layer_cache
 
 
-def _layer_stack(config: LlamaConfig) -> nn.Module:
-    """All layers as one `nn.scan` over stacked parameters, rematerialised as configured."""
+def _layer_stack(config: LlamaConfig, lora: LoraConfig | None = None) -> nn.Module:
+    """All layers as one `nn.scan` over stacked parameters (and adapters), rematerialised as
+    configured; each layer gets its own init and dropout rngs."""
     if config.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"LlamaConfig.remat_policy {config.remat_policy!r} is not one of "
                           f"{sorted(REMAT_POLICIES)}."
@@ -358,18 +433,24 @@ def _layer_stack(config: LlamaConfig) -> nn.Module:
         # with the forward pass; unrolled, prevent_cse must do it.
         block = nn.remat(block, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=config.num_layers,
                       unroll=1 if config.scan_layers else config.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(config, name="layers")
+    return scanned(config, lora, name="layers")
 
 
 class Llama(nn.Module):
-    """Llama decoder: tokens [B, T] -> logits [B, T, vocab]; see the module docstring."""
+    """Llama decoder: tokens [B, T] -> logits [B, T, vocab]; see the module docstring.
+
+    With `lora` (model/lora.py) every targeted projection adds its adapter from the "lora"
+    collection: `apply({"params": base, "lora": adapters}, ..., rngs={"dropout": key})`.
+    """
 
     config: LlamaConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -385,7 +466,7 @@ class Llama(nn.Module):
         if return_hidden and cache is not None:
             raise ValueError("return_hidden is for training and evaluation; it takes no cache")
         batch, length = tokens.shape
-        offset = 0 if cache is None else cache.index
+        offset = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))  # [1 | B, 1]
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32),
                                          (batch, length))
@@ -402,7 +483,7 @@ class Llama(nn.Module):
                                                               c.rope_scaling))
         if cache is None:
             mask = attention_lib.attention_mask(segment_ids, segment_ids)
-            x, _ = _layer_stack(c)(x, sin, cos, mask, None, None)
+            x, _ = _layer_stack(c, self.lora)(x, sin, cos, mask, None, None)
         else:
             x, cache = self._cached_layers(x, sin, cos, segment_ids, cache)
 
@@ -415,13 +496,17 @@ class Llama(nn.Module):
                                              (((2,), (1,)), ((), ())))
                 logits = _constrain(logits, "batch", "length", "vocab")
                 return logits if cache is None else (logits, cache)
-            head = embedding.astype(c.compute_dtype).T
-        else:
-            head = self.param("lm_head", nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
-                              (c.hidden_size, c.vocab_size), c.params_dtype).astype(c.compute_dtype)
+            return x, embedding.astype(c.compute_dtype).T
+        head_shape, head_axes = (c.hidden_size, c.vocab_size), ("embed", "vocab")
         if return_hidden:
+            # The fused loss applies the head itself: give it W + scale * A @ B (no dropout).
+            head = _base_weight(self, "lm_head", head_shape, head_axes)
+            adapter = _adapter(self, "lm_head", head_shape, head_axes, 1)
+            if adapter is not None:
+                head = head + lora_lib.delta(*adapter, 1, self.lora.scale).astype(head.dtype)
             return x, head
-        logits = _constrain(_matmul(x, head), "batch", "length", "vocab")
+        logits = _projection(self, "lm_head", x, head_shape, head_axes)
+        logits = _constrain(logits, "batch", "length", "vocab")
         return logits if cache is None else (logits, cache)
 
     def _cached_layers(self, x, sin, cos, segment_ids, cache: KVCache):
@@ -432,18 +517,17 @@ class Llama(nn.Module):
         stacked arrays, and XLA:CPU copies every slice, at every decoded token.
         """
         c = self.config
-        kv_segments = jax.lax.dynamic_update_slice(
-            cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+        kv_segments = write_slots(cache.segment_ids, segment_ids, cache.index)
         mask = attention_lib.attention_mask(segment_ids, kv_segments, cache.index)
         if self.is_initializing():
             raise ValueError("initialise the parameters without a cache (init_params)")
-        layers = self.variables["params"]["layers"]
-        if not isinstance(layers, (tuple, list)):  # stacked: slice once per call
-            layers = unstack_layers({"layers": layers})["layers"]
+        layers = _per_layer(self.variables["params"]["layers"])
+        adapters = _per_layer(self.variables.get("lora", {}).get("layers"))
         keys, values = [], []
-        for layer, k, v in zip(layers, cache.k, cache.v, strict=True):
-            x, (k, v) = Block(c, parent=None).apply({"params": layer}, x, sin, cos, mask,
-                                                    cache.index, (k, v))
+        for i, (layer, k, v) in enumerate(zip(layers, cache.k, cache.v, strict=True)):
+            variables = {"params": layer, **({"lora": adapters[i]} if adapters else {})}
+            x, (k, v) = Block(c, self.lora, parent=None).apply(variables, x, sin, cos, mask,
+                                                               cache.index, (k, v))
             keys.append(k)
             values.append(v)
         length = x.shape[1]
@@ -451,8 +535,16 @@ class Llama(nn.Module):
                           index=cache.index + length)
 
 
+def _per_layer(layers: Any) -> tuple | list | None:
+    """A layers tree (params or adapters) as per-layer trees; stacked ones are sliced once."""
+    if layers is None or isinstance(layers, (tuple, list)):
+        return layers
+    return unstack_layers({"layers": layers})["layers"]
+
+
 def unstack_layers(params: dict) -> dict:
     """`params` with `layers` as a tuple of per-layer trees: the layout decoding reads fastest.
+    (LoRA adapters split the same way: `unstack_layers(adapters)`.)
 
     Llama reads either layout when given a cache; with this one each layer's weights are
     arrays of their own, which a decode loop reads in place instead of slicing (copying) them
@@ -474,15 +566,16 @@ def init_params(config: LlamaConfig, rng: jax.Array) -> dict:
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
-               dtype: jnp.dtype | None = None) -> KVCache:
-    """An empty KV cache (kv_cache.py) for `batch_size` rows of up to `max_len` tokens."""
+               dtype: jnp.dtype | None = None, per_row: bool = False) -> KVCache:
+    """An empty KV cache (kv_cache.py) for `batch_size` rows of up to `max_len` tokens;
+    `per_row`: each row has its own index (the serving engine's slots)."""
     shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
     dtype = dtype or config.compute_dtype
     layers = range(config.num_layers)
     return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((batch_size,) if per_row else (), jnp.int32))
 
 
 def param_logical_axes(config: LlamaConfig) -> dict:
@@ -494,3 +587,27 @@ def param_logical_axes(config: LlamaConfig) -> dict:
 def param_shapes(config: LlamaConfig) -> dict:
     """`jax.ShapeDtypeStruct`s of the parameters, computed without allocating them."""
     return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+
+
+def _boxed_adapters(config: LlamaConfig, lora: LoraConfig, rng: jax.Array) -> dict:
+    return Llama(config, lora).init(rng, jnp.zeros((1, 1), jnp.int32))["lora"]
+
+
+def init_adapters(config: LlamaConfig, lora: LoraConfig, rng: jax.Array) -> dict:
+    """New LoRA adapters (B = 0: a no-op) as a plain pytree; see model/lora.py for the layout.
+
+    Under `jax.jit` the base parameters this init also draws are dead code and never built.
+    """
+    lora_lib.check_fits(lora, config)
+    return nn.meta.unbox(_boxed_adapters(config, lora, rng))
+
+
+def adapter_logical_axes(config: LlamaConfig, lora: LoraConfig) -> dict:
+    """PartitionSpecs of the adapters' logical axis names (the base's, with "lora_rank")."""
+    boxed = jax.eval_shape(functools.partial(_boxed_adapters, config, lora), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def adapter_shapes(config: LlamaConfig, lora: LoraConfig) -> dict:
+    """`jax.ShapeDtypeStruct`s of the adapters, computed without allocating them."""
+    return jax.eval_shape(functools.partial(init_adapters, config, lora), jax.random.key(0))

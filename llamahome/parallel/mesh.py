@@ -87,12 +87,16 @@ def build_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
+# LoRA adapters (model/lora.py) name their rank axis "lora_rank": never sharded (r is small),
+# so an adapter is sharded on its other axes exactly like its base weight.
 DATA_PARALLEL: Rules = (
     ("batch", ("data", "fsdp", "tensor")),
+    ("lora_rank", None),
 )
 FSDP: Rules = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    ("lora_rank", None),
 )
 FSDP_TENSOR: Rules = (
     ("batch", ("data", "fsdp")),
@@ -101,6 +105,7 @@ FSDP_TENSOR: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
+    ("lora_rank", None),
 )
 PRESETS: dict[str, Rules] = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_tensor": FSDP_TENSOR}
 

@@ -8,6 +8,10 @@ Each step holds three items:
 - `config`: the gin config the run was started with, secrets redacted, as JSON {"gin_config": "..."};
   a resume compares it with the new run's (`config_changes`).
 
+A LoRA run's steps also hold `adapter.json` (model/lora.py: which base the adapter was
+trained on), written by process 0 after Orbax commits the step and before it is sealed, so
+the manifest covers it (`Checkpointer(on_commit=...)`).
+
 Every step is sealed with `llamahome_manifest.json`: the size and sha256 of each of its files,
 written atomically by process 0 once Orbax has committed the step (for an async save: at the
 first `poll`, `save` or `wait` after the background write finished). `verify` re-reads a step
@@ -21,7 +25,8 @@ background thread while training continues; `poll` (every step) reports a failed
 save as a one-line CheckpointError naming the step, the cause and the newest good step. Orbax writes each step into a temporary folder
 and renames it when complete, so a process killed mid-write leaves a temporary folder that
 is never restored (and is deleted at the next start). Retention: the last `keep_last_n`
-steps, plus (with `save_best`) the step with the lowest eval loss.
+steps, plus (with `save_best`) the step with the best `best_metric` (the lowest eval loss, or
+a downstream task metric such as "downstream/hellaswag/acc_norm", highest kept).
 
 In a multi-process run every process calls `save` and `restore` at the same step; Orbax's
 barriers go through JAX's coordination service (with timeouts) rather than device collectives,
@@ -40,6 +45,7 @@ import json
 import logging as std_logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,7 @@ from etils import epath
 
 from llamahome.config.gin_config import binding_statements
 from llamahome.data.pipeline import ShardedIterator, as_sharded
-from llamahome.errors import CheckpointError
+from llamahome.errors import CheckpointError, ConfigError
 from llamahome.files import write_text_atomic
 from llamahome.parallel import distributed
 from llamahome.secrets import REDACTED, redact_gin_config
@@ -67,7 +73,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "t
                      "train.progress_bar", "train.resume_with_changed_config",
                      "CheckpointConfig.*", "launch.run_dir", "launch.write_config",
                      "CacheManager.root", "initialize.*", "Watchdog.*", "Profiler.*",
-                     "MetricsWriter.*", "Heartbeat.*",
+                     "MetricsWriter.*", "Heartbeat.*", "train.downstream_*", "DownstreamConfig.*",
                      "build_optimizer.horizons")  # the schedule's record of extensions (optim.py)
 
 
@@ -78,8 +84,12 @@ class CheckpointConfig:
 
     save_steps: int = 1000  # save every this many steps (and at the end, and on SIGTERM)
     keep_last_n: int = 3  # keep this many most recent steps
-    save_best: bool = True  # also keep the step with the lowest eval loss
+    save_best: bool = True  # also keep the step with the best `best_metric`
     async_save: bool = True  # write in a background thread while training continues
+    # What "best" means: eval_loss, or a downstream task metric "downstream/<task>/<metric>"
+    # (train.downstream_tasks); best_mode "min" | "max" | "auto" (min for eval_loss, else max).
+    best_metric: str = "eval_loss"
+    best_mode: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,15 +174,22 @@ def _use_coordination_barriers() -> None:
         flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
 
 
-def _eval_loss(metrics: dict[str, float]) -> float:
-    return metrics[EVAL_LOSS]
+def _ranked(config: CheckpointConfig):
+    """metrics -> a number that is lower for a better step (inf: the step lacks the metric)."""
+    sign = -1.0 if (config.best_mode == "max" or (config.best_mode == "auto"
+                                                   and config.best_metric != EVAL_LOSS)) else 1.0
+
+    def rank(metrics: dict[str, float] | None) -> float:
+        value = (metrics or {}).get(config.best_metric)
+        return float("inf") if value is None else sign * float(value)
+    return rank
 
 
 def _policy(config: CheckpointConfig) -> ocp.checkpoint_managers.PreservationPolicy:
     latest = ocp.checkpoint_managers.LatestN(n=config.keep_last_n)
     if not config.save_best:
         return latest
-    best = ocp.checkpoint_managers.BestN(get_metric_fn=_eval_loss, reverse=True, n=1,
+    best = ocp.checkpoint_managers.BestN(get_metric_fn=_ranked(config), reverse=True, n=1,
                                         keep_checkpoints_without_metrics=False)
     return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
 
@@ -287,12 +304,17 @@ def _cause(e: BaseException) -> str:
 class Checkpointer:
     """Saves, seals, verifies and restores TrainState + data iterator + gin config; one per run dir."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig):
+    def __init__(self, directory: str | Path, config: CheckpointConfig,
+                 on_commit: Callable[[Path], None] | None = None):
+        """`on_commit(step_dir)`: process 0 adds files to a committed step before sealing it."""
         if config.keep_last_n < 1:
             raise CheckpointError(f"CheckpointConfig.keep_last_n={config.keep_last_n}: keep at least 1")
+        if config.best_mode not in ("min", "max", "auto"):
+            raise ConfigError(f"CheckpointConfig.best_mode={config.best_mode!r}: use 'min', 'max' "
+                              "or 'auto'")
         _use_coordination_barriers()
         std_logging.getLogger("absl").addFilter(_QUIET_ORBAX)
-        self.config = config
+        self.config, self.on_commit = config, on_commit
         self.directory = Path(directory).absolute()
         self._unsealed: int | None = None  # the step saved last, until committed and sealed
         self._failed = False
@@ -300,7 +322,7 @@ class Checkpointer:
         # best_fn only makes Orbax write each step's metrics, so retention survives a restart.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=_KeepNewestSealed(self.directory, _policy(config)),
-            best_fn=_eval_loss if config.save_best else None,
+            best_fn=_ranked(config) if config.save_best else None,
             best_mode="min", enable_async_checkpointing=config.async_save,
             cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -317,13 +339,11 @@ class Checkpointer:
         return sealed[-1] if sealed else None
 
     def best_step(self) -> int | None:
-        """The kept step with the lowest eval loss (None when no kept step has one)."""
-        losses = {}
-        for step in self._manager.all_steps():
-            metrics = self._manager.metrics(step)
-            if metrics and EVAL_LOSS in metrics:
-                losses[step] = metrics[EVAL_LOSS]
-        return min(losses, key=losses.get) if losses else None
+        """The kept step with the best `best_metric` (None when no kept step has it)."""
+        rank = _ranked(self.config)
+        ranks = {step: rank(self._manager.metrics(step)) for step in self._manager.all_steps()}
+        ranks = {step: r for step, r in ranks.items() if r != float("inf")}
+        return min(ranks, key=ranks.get) if ranks else None
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -331,17 +351,21 @@ class Checkpointer:
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
-    def save(self, step: int, state: Any, data_iter: Any = None, eval_loss: float | None = None) -> None:
-        """Starts saving `state` as `step` (returns once the arrays are on the host when async)."""
+    def save(self, step: int, state: Any, data_iter: Any = None, eval_loss: float | None = None,
+             downstream: dict[str, float] | None = None) -> None:
+        """Starts saving `state` as `step` (returns once the arrays are on the host when async);
+        `eval_loss` and `downstream` task metrics ({"<task>/<metric>": value}) rank it."""
         self.wait()  # the previous step: committed and sealed (retention reads its manifest)
         items = {"state": ocp.args.StandardSave(state),
                  "config": ocp.args.JsonSave({"gin_config": redact_gin_config(gin.config_str())})}
         if data_iter is not None:
             items["data_iter"] = DataShardsSave(_snapshot(data_iter))
-        metrics = {EVAL_LOSS: float(eval_loss)} if eval_loss is not None else None
+        metrics = ({EVAL_LOSS: float(eval_loss)} if eval_loss is not None else {}) | {
+            f"downstream/{k}": float(v) for k, v in (downstream or {}).items()}
         self._unsealed = step
         try:
-            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or None,
+                               force=True)
         except Exception as e:  # noqa: BLE001  (disk, permissions, ...: reported in one line)
             raise self._save_failed(e) from None
         if not self.config.async_save:
@@ -359,6 +383,8 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
             if jax.process_index() == 0:
+                if self.on_commit is not None:
+                    self.on_commit(self.step_dir(self._unsealed))
                 write_manifest(self.step_dir(self._unsealed))
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(e) from None

@@ -15,8 +15,17 @@ Other settings: `data_shards` is how many readers split the data (default: the p
 keep it fixed to get the same batches, and resume the same checkpoints, on any number of
 hosts. `loss_chunk_length` is the positions per block of the output head + loss (0: the whole
 sequence); a divisor of `seq_len` bounds the live logits to [batch, block, vocab].
+`downstream_eval_every` runs the lm-eval `downstream_tasks` (up to
+`downstream_limit` docs each) on the live params every that many steps, logged as
+"downstream" lines and checkpoint metrics (train/downstream.py; DownstreamConfig for the rest).
 `resume_with_changed_config` resumes a checkpoint whose gin config differs from this one in
 more than run-length settings (llamahome/train/checkpoint.py RESUMABLE_CHANGES).
+
+LoRA (`train.lora = @LoraConfig()`, gin/train/lora.gin): the run trains adapters on the frozen
+base named by `init_from` (required), which `base_quant` ('int8' | 'nf4') holds quantized and
+`base_dtype` (e.g. 'bfloat16') in a smaller dtype (llamahome/train/frozen.py). The state, the
+optimizer and the checkpoints hold only the adapters; every step also records the base's
+digest (adapter.json), and a resume on other base weights is refused.
 
 Resuming: the run dir's newest checkpoint that verifies is restored (auto-resume; corrupt
 newer steps are named, set aside, and the resume falls back past them); else the run starts
@@ -37,9 +46,9 @@ import functools
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import optax
@@ -53,16 +62,21 @@ from llamahome.errors import CheckpointError, ConfigError, UserError
 from llamahome.files import RunDir, write_text_atomic
 from llamahome.hub.registry import resolve_model_path
 from llamahome.jobs import job
+from llamahome.model import lora as lora_lib
 from llamahome.model.checkpoints import load_params_for
 from llamahome.model.llama import (
-    Llama, LlamaConfig, checkpoint_vocab, fit_vocab, init_params, param_logical_axes, param_shapes,
+    Llama, LlamaConfig, adapter_logical_axes, adapter_shapes, checkpoint_vocab, fit_vocab,
+    init_adapters, init_params, param_logical_axes, param_shapes,
 )
+from llamahome.model.lora import LoraConfig
 from llamahome.monitor import Heartbeat, MetricsWriter, Profiler, mfu, peak_flops
 from llamahome.parallel import distributed
 from llamahome.parallel.distributed import Watchdog
 from llamahome.parallel.mesh import Rules, axis_rules, batch_sharding, build_mesh, global_batch, init_sharded
 from llamahome.train import step as step_lib
 from llamahome.train.checkpoint import NO_MANIFEST, CheckpointConfig, Checkpointer, abstract_like
+from llamahome.train.downstream import DownstreamEval, build_downstream
+from llamahome.train.frozen import FrozenBase, load_base
 from llamahome.train.optim import build_optimizer, decay_mask, schedule_horizons
 from llamahome.train.step import TrainState, init_train_state
 
@@ -80,12 +94,16 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
           z_loss: float = 0.0, init_from: str | None = None, nan_policy: str = "stop",
           progress_bar: bool = True, data_shards: int | None = None,
           loss_chunk_length: int = 0, resume_with_changed_config: bool = False,
+          downstream_eval_every: int = 0, downstream_tasks: Sequence[str] = (),
+          downstream_limit: int | float | None = None,
+          lora: LoraConfig | None = None, base_quant: Literal["int8", "nf4"] | None = None,
+          base_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
           model: LlamaConfig | None = None, data: PipelineConfig | None = None,
           mesh: Mesh | None = None, rules: Rules | None = None,
           optimizer: Callable[..., tuple] | None = None, checkpoint: CheckpointConfig | None = None,
           cache: CacheManager | None = None) -> dict:
     """Trains `model` on the train split of `data` for `steps` optimizer steps (see module doc)."""
-    _check_settings(seq_len, loss_chunk_length, nan_policy)
+    _check_settings(seq_len, loss_chunk_length, nan_policy, lora, init_from, base_quant or base_dtype)
     # --- Settings: bound in gin at the top; each unbound one is its gin-configured default.
     mesh, rules, data = mesh or build_mesh(), rules or axis_rules(), data or data_pipeline()
     tokenizer, cache = load_tokenizer(), cache or CacheManager()  # tokenizer: load_tokenizer.path
@@ -107,32 +125,40 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     config = fit_vocab(model or LlamaConfig(), tokenizer.vocab_size, checkpoint_vocab(saved_config))
     if is_writer:
         save_run_tokenizer(run.path, tokenizer)  # the run dir alone is enough to evaluate it
-    apply_fn, param_specs = step_lib.hidden_apply_fn(Llama(config)), param_logical_axes(config)
+    apply_fn, param_specs, shapes, init_fn = _trained(config, lora)
     tx, schedule = optimizer(learning_rate, steps, decay_mask=decay_mask(param_specs),
                              horizons=schedule_horizons(steps, resume_step, saved_config))
 
-    # --- State: restored, loaded from init_from, or fresh; born sharded. Steps: compiled once.
-    abstract_state, shardings = step_lib.state_shardings(param_shapes(config), param_specs, tx,
-                                                         mesh, rules)
-    logging.info("%s: %s, %d params, mesh %s", run.path, describe_restore(ckpt, init_from),
+    # --- State: restored, loaded from init_from, or fresh; born sharded. A LoRA run loads its
+    # frozen base from init_from instead; its steps record (and resumes check) the base's hash.
+    abstract_state, shardings = step_lib.state_shardings(shapes, param_specs, tx, mesh, rules)
+    logging.info("%s: %s, %d params, mesh %s", run.path, describe_restore(ckpt, init_from, lora),
                  config.num_params(), dict(mesh.shape))
-    state = restore_or_init(ckpt, abstract_state, shardings, train_iter,
-                            init_params=lambda key: init_params(config, key), optimizer=tx,
-                            seed=seed, init_from=init_from and resolve_model_path(init_from, run_dir),
+    resolved = init_from and resolve_model_path(init_from, run_dir)
+    base = lora and _frozen_base(ckpt, abstract_state, config, lora, init_from, resolved, mesh,
+                                 rules, base_quant, base_dtype)
+    # --- Downstream evals: lm-eval tasks on the live params (train/downstream.py), checked here.
+    downstream = build_downstream(downstream_eval_every, downstream_tasks, downstream_limit, config,
+                                  tokenizer, mesh, rules, best_metric=checkpoint.best_metric,
+                                  lora=lora, base_params=base and base.params)
+    state = restore_or_init(ckpt, abstract_state, shardings, train_iter, init_params=init_fn,
+                            optimizer=tx, seed=seed, init_from=None if base else resolved,
                             load_params=lambda path, s: load_params_for(path, config, s),
-                            resume_with_changed_config=resume_with_changed_config)
+                            resume_with_changed_config=resume_with_changed_config,
+                            check_step=base and base.check_step)
     train_step, eval_step = step_lib.compile_steps(
         abstract_state, shardings, step_lib.abstract_batch(batch_size, seq_len, batches), mesh,
-        rules, apply_fn=apply_fn, optimizer=tx, schedule=schedule, z_loss=z_loss,
-        accum_steps=gradient_accumulation_steps, loss_chunk_length=loss_chunk_length)
+        rules, apply_fn=apply_fn, frozen=base and base.params, optimizer=tx, schedule=schedule,
+        z_loss=z_loss, accum_steps=gradient_accumulation_steps, loss_chunk_length=loss_chunk_length)
 
     # --- Reporting, then the loop.
     reporter = _reporter(run, config, steps, int(state.step), batch_size, seq_len, progress_bar,
-                         nan_policy, log_every, ckpt)
+                         nan_policy, log_every, ckpt, lora is not None)
     loop = Loop(train_step, eval_step, train_iter, validation, batches, ckpt, checkpoint, reporter,
                 Profiler(_profile_dir(run)),
                 Watchdog(f"process {jax.process_index()} of {jax.process_count()}"),
-                step_lib.blank_batch(batch_size // jax.process_count(), seq_len), steps, eval_every)
+                step_lib.blank_batch(batch_size // jax.process_count(), seq_len), steps, eval_every,
+                downstream)
     state, status, eval_loss = run_loop(loop, state)
     if is_writer:
         write_text_atomic(run.cache_stats, json.dumps(cache.stats()))
@@ -143,16 +169,62 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
 
 def _reporter(run: RunDir, config: LlamaConfig, steps: int, start: int, batch_size: int,
               seq_len: int, progress_bar: bool, nan_policy: str, log_every: int,
-              ckpt: Checkpointer) -> StepReporter:
-    """Process 0 writes metrics (with MFU against this host's peak) and heartbeats; the others check."""
+              ckpt: Checkpointer, frozen_base: bool = False) -> StepReporter:
+    """Process 0 writes metrics (with MFU against this host's peak) and heartbeats; the others check.
+
+    A frozen base skips the weight-gradient matmul of each projection: 4, not 6, FLOPs per
+    weight and token (the adapters' own are ~1% at rank 16 and left out).
+    """
     peak, is_writer = peak_flops(str(config.dtype)), distributed.is_coordinator()
+    flops = config.flops_per_token(seq_len) - (2.0 * config.num_matmul_params() if frozen_base else 0)
     return StepReporter(
         MetricsWriter(run.path, steps, start, progress_bar, str(peak)) if is_writer else None,
         Heartbeat(run.path, steps, config.name) if is_writer else None,
-        batch_size * seq_len, config.flops_per_token(seq_len), peak.flops, nan_policy, log_every, ckpt)
+        batch_size * seq_len, flops, peak.flops, nan_policy, log_every, ckpt)
 
 
-def _check_settings(seq_len: int, loss_chunk_length: int, nan_policy: str) -> None:
+def _trained(config: LlamaConfig, lora: LoraConfig | None) -> tuple:
+    """(apply_fn, logical axes, shapes, init fn) of what the run trains: the model, or its adapters."""
+    model = Llama(config, lora)
+    if lora is None:
+        return (step_lib.hidden_apply_fn(model), param_logical_axes(config), param_shapes(config),
+                functools.partial(init_params, config))
+    lora_lib.check_fits(lora, config)
+    return (step_lib.lora_apply_fn(model), adapter_logical_axes(config, lora),
+            adapter_shapes(config, lora), functools.partial(init_adapters, config, lora))
+
+
+def _frozen_base(ckpt: Checkpointer, abstract_state: TrainState, config: LlamaConfig,
+                 lora: LoraConfig, ref: str, path: str, mesh: Mesh, rules: Rules,
+                 base_quant: str | None, base_dtype: str | None) -> FrozenBase:
+    """A LoRA run's base, loaded and held; its hash goes into every step's adapter.json."""
+    base = load_base(ref, path, config, mesh, rules, base_quant, base_dtype)
+    ckpt.on_commit = base.meta_writer(lora, config)
+    trainable = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    state_bytes = (lora_lib.adapter_bytes(abstract_state.params)
+                   + lora_lib.adapter_bytes(abstract_state.opt_state))
+    logging.info("LoRA: %d trainable params (%.3f%% of %d); adapters + optimizer state %.2f MB; "
+                 "frozen base %.1f MB (%s)", trainable, 100 * trainable / config.num_params(),
+                 config.num_params(), state_bytes / 1e6, base.nbytes() / 1e6,
+                 base_quant or base_dtype or config.param_dtype)
+    return base
+
+
+def _check_lora(lora: LoraConfig | None, init_from: str | None, base_held: str | None) -> None:
+    if lora is None and base_held:
+        raise ConfigError("train.base_quant and train.base_dtype set how a LoRA run holds its "
+                          "frozen base: set train.lora = @LoraConfig() (include "
+                          "'train/lora.gin'), or unset them")
+    if lora is not None and not init_from:
+        raise ConfigError("train.lora trains adapters on a frozen base: set train.init_from to "
+                          "it (a run dir, a step dir, an import_hf dir, a Hugging Face dir or "
+                          "model:name@N)")
+
+
+def _check_settings(seq_len: int, loss_chunk_length: int, nan_policy: str,
+                    lora: LoraConfig | None = None, init_from: str | None = None,
+                    base_held: str | None = None) -> None:
+    _check_lora(lora, init_from, base_held)
     if loss_chunk_length and seq_len % loss_chunk_length:
         raise ConfigError(f"train.loss_chunk_length={loss_chunk_length} does not divide "
                           f"train.seq_len={seq_len}; use a divisor of it, or 0 for no blocks")
@@ -191,6 +263,7 @@ class Loop:
     blank: dict
     steps: int
     eval_every: int
+    downstream: DownstreamEval | None = None
 
 
 def run_loop(loop: Loop, state: TrainState) -> tuple[TrainState, str, float | None]:
@@ -215,9 +288,10 @@ def run_loop(loop: Loop, state: TrainState) -> tuple[TrainState, str, float | No
                 pending = (step, metrics)
                 stopped = distributed.any_process(preempted.received is not None)
                 eval_loss = _evaluate(loop, state, step) if loop.eval_every and step % loop.eval_every == 0 else None
+                scores = _downstream(loop, state, step)
                 if (step % loop.checkpoint.save_steps == 0 or step == loop.steps or stopped
-                        or (eval_loss is not None and loop.checkpoint.save_best)):
-                    ckpt.save(step, state, loop.train_iter, eval_loss)
+                        or ((eval_loss is not None or scores) and loop.checkpoint.save_best)):
+                    ckpt.save(step, state, loop.train_iter, eval_loss, scores)
                 reporter.beat(step)
                 loop.watchdog.kick(f"step {step}")
                 if stopped:
@@ -245,6 +319,19 @@ def _evaluate(loop: Loop, state: TrainState, step: int) -> float:
         validation.max_batches, on_batch=lambda i, _: loop.watchdog.kick(f"eval batch {i}"))
     loop.reporter.eval(step, loss)
     return loss
+
+
+def _downstream(loop: Loop, state: TrainState, step: int) -> dict[str, float]:
+    """lm-eval task metrics of `state` when due at `step` (recorded by the reporter), else {}.
+
+    Due by step number alone, so a resumed run evaluates exactly the steps the uninterrupted
+    run would: each step's state is restored or recomputed, never skipped.
+    """
+    if loop.downstream is None or not loop.downstream.due(step):
+        return {}
+    scores = loop.downstream(state.params)
+    loop.reporter.downstream(step, scores)
+    return scores
 
 
 class StepReporter:
@@ -284,6 +371,10 @@ class StepReporter:
     def eval(self, step: int, loss: float) -> None:
         if self.writer:
             self.writer.eval(step, loss)
+
+    def downstream(self, step: int, scores: dict[str, float]) -> None:
+        if self.writer:
+            self.writer.downstream(step, scores)
 
     def beat(self, step: int, status: str | None = None) -> None:
         """The heartbeat of `step`; a final `status` ("finished", "failed", ...) is always written."""
@@ -335,11 +426,15 @@ class PreemptionSignal:
 def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, data_iter: Any,
                     init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
                     seed: int, init_from: str | None, load_params: Callable[..., Any] | None,
-                    resume_with_changed_config: bool = False) -> TrainState:
-    """The newest good checkpoint of this run if there is one, else a fresh state (params maybe loaded)."""
+                    resume_with_changed_config: bool = False,
+                    check_step: Callable[[Path], str | None] | None = None) -> TrainState:
+    """The newest good checkpoint of this run if there is one, else a fresh state (params maybe loaded).
+
+    `check_step(step_dir)`: another reason a step is not usable (or raises to refuse it outright).
+    """
     if ckpt.all_steps():
         return restore_newest_good(ckpt, abstract_like(abstract_state, shardings), data_iter,
-                                   resume_with_changed_config)
+                                   resume_with_changed_config, check_step)
     if init_from:
         params = load_params(init_from, shardings.params)
         make = lambda p: init_train_state(p, optimizer, seed)  # noqa: E731
@@ -349,7 +444,8 @@ def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, dat
 
 
 def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
-                        resume_with_changed_config: bool) -> TrainState:
+                        resume_with_changed_config: bool,
+                        check_step: Callable[[Path], str | None] | None = None) -> TrainState:
     """Restores the newest step that verifies and reads; names each newer one and why it was skipped.
 
     A step without a manifest is trusted (with a warning) only when no older step has one: it
@@ -358,6 +454,8 @@ def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
     problems: dict[int, str] = {}
     for step in reversed(ckpt.all_steps()):
         problem = step_problem(ckpt, step)
+        if problem is None and check_step is not None:
+            problem = check_step(ckpt.step_dir(step))
         if problem is None and not ckpt.is_sealed(step):
             logging.warning("checkpoint step %d is unverified: written before checksums (or the run "
                             "stopped right after writing it); restoring it anyway", step)
@@ -420,11 +518,14 @@ def _saved_config(ckpt: Checkpointer, step: int | None) -> str | None:
         return None
 
 
-def describe_restore(ckpt: Checkpointer, init_from: str | None = None) -> str:
+def describe_restore(ckpt: Checkpointer, init_from: str | None = None,
+                     lora: LoraConfig | None = None) -> str:
     """How the run starts, for its first log line: resuming, loading `init_from`, or from scratch."""
     latest = ckpt.latest_step()
     if latest is not None:
         return f"resuming from the newest checkpoint that verifies (latest: step {latest})"
+    if lora is not None:
+        return f"training new LoRA adapters (rank {lora.rank}) on the frozen base {init_from}"
     if init_from:
         return f"starting from the weights of {init_from} (fresh optimizer state)"
     return "starting from scratch (random weights)"

@@ -3,6 +3,8 @@
     state = TrainState(step, params, opt_state, rng)        # everything that changes
     train_step(state, batch, ...) -> (state, metrics)       # pure: jit-compiled, state donated
     eval_step(params, batch, ...) -> {loss_sum, tokens}
+    train_step(state, batch, frozen, ...)                   # LoRA: params are the adapters,
+    eval_step(params, batch, frozen, ...)                   # `frozen` the base (not donated)
     compile_train_step / compile_eval_step                  # jit + lower + compile over a mesh
     evaluate_batches(eval_step, params, batches, ...)       # the one eval loop (train, evaluate job)
 
@@ -15,6 +17,11 @@ per-microbatch *sums* are accumulated and divided once by the global token count
 accumulation (A microbatches of B/A rows) and any sharding of the batch give the gradient of
 one big batch. The optional z-loss (PaLM, Chowdhery et al. 2022, sec. 5) adds
 `z_loss * log(Z)^2` per token to keep the softmax normaliser near 1.
+
+A LoRA run (model/lora.py) trains only the adapters: `state.params` is the "lora" collection,
+and the frozen base (maybe quantized, model/quant.py) is a third, non-donated argument that
+gets no gradient and no optimizer state. `lora_apply_fn` takes it and a dropout key, derived
+from the state's seed and step (so a resumed run draws the same masks).
 
 Non-finite steps (NaN/Inf loss or gradient norm) leave params and optimizer state unchanged;
 metrics["finite"] tells the loop, which then skips on or stops (train.nan_policy).
@@ -53,6 +60,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from llamahome.errors import UserError
+from llamahome.model import quant
 from llamahome.model.llama import Llama
 from llamahome.parallel import distributed
 from llamahome.parallel.mesh import (
@@ -61,8 +69,9 @@ from llamahome.parallel.mesh import (
 from llamahome.train.checkpoint import abstract_like
 
 Batch = dict[str, jax.Array]
-# (params, inputs, positions, segment_ids) -> (hidden [B, T, D], head [D, V]).
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (params, inputs, positions, segment_ids) -> (hidden [B, T, D], head [D, V]); a LoRA run's
+# takes (adapters, inputs, positions, segment_ids, frozen base, dropout key or None).
+ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
                 "segment_ids": jnp.int32, "loss_mask": jnp.float32}
 
@@ -103,6 +112,25 @@ def hidden_apply_fn(model: Llama) -> ApplyFn:
     def apply(params, inputs, positions, segment_ids):
         return model.apply({"params": params}, inputs, positions, segment_ids, return_hidden=True)
     return apply
+
+
+def lora_apply_fn(model: Llama) -> ApplyFn:
+    """The same for a LoRA `model`: adapters trained, `base` frozen, dropout when given a key."""
+    def apply(adapters, inputs, positions, segment_ids, base, rng=None):
+        return model.apply({"params": base, "lora": adapters}, inputs, positions, segment_ids,
+                           return_hidden=True, rngs={} if rng is None else {"dropout": rng})
+    return apply
+
+
+def frozen_shardings(frozen: Any, param_specs: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings of a frozen base: each weight by its logical axis names, as when trained; a
+    quantized one's values and scales by the names quant.quantized_axes derives from them."""
+    return logical_shardings(quant.quantized_param_axes(frozen, param_specs), mesh, rules)
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+    """The step's dropout key: the run's seed folded with the step (the same after a resume)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
 # --- The batch ------------------------------------------------------------------------------
@@ -209,8 +237,10 @@ _fused.defvjp(_forward, _backward)
 
 # --- The steps ------------------------------------------------------------------------------
 
-def _loss_sums(params: Any, batch: Batch, apply_fn: ApplyFn, z_loss: float, chunk_length: int):
-    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+def _loss_sums(params: Any, batch: Batch, extra: tuple, apply_fn: ApplyFn, z_loss: float,
+               chunk_length: int):
+    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                            *extra)
     objective, ce = head_cross_entropy(hidden, head, batch["targets"], batch["loss_mask"],
                                        z_loss, chunk_length)
     return objective, (ce, jnp.sum(batch["loss_mask"].astype(jnp.float32)))
@@ -226,33 +256,50 @@ def _microbatches(batch: Batch, accum_steps: int) -> Batch:
 
 
 def loss_and_grads(params: Any, batch: Batch, *, apply_fn: ApplyFn, z_loss: float = 0.0,
-                   accum_steps: int = 1, loss_chunk_length: int = 0
-                   ) -> tuple[jax.Array, jax.Array, Any]:
-    """(CE sum, token count, gradient of the summed loss) over `accum_steps` microbatches."""
+                   accum_steps: int = 1, loss_chunk_length: int = 0, frozen: Any = None,
+                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+    """(CE sum, token count, gradient of the summed loss) over `accum_steps` microbatches.
+
+    With a `frozen` base (LoRA), `apply_fn` also takes it and microbatch i's dropout key,
+    `rng` folded with i; the gradient is for `params` only.
+    """
     grad_fn = functools.partial(jax.grad(_loss_sums, has_aux=True), apply_fn=apply_fn,
                                 z_loss=z_loss, chunk_length=loss_chunk_length)
+
+    def extra(i):
+        if frozen is None:
+            return ()
+        return frozen, None if rng is None else jax.random.fold_in(rng, i)
+
     if accum_steps == 1:
-        grads, (ce, count) = grad_fn(params, batch)
+        grads, (ce, count) = grad_fn(params, batch, extra(0))
         return ce, count, grads
 
-    def body(carry, micro):
+    def body(carry, micro_i):
         ce_acc, count_acc, grads_acc = carry
-        grads, (ce, count) = grad_fn(params, micro)
+        micro, i = micro_i
+        grads, (ce, count) = grad_fn(params, micro, extra(i))
         return (ce_acc + ce, count_acc + count, jax.tree.map(jnp.add, grads_acc, grads)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (ce, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros),
-                                         _microbatches(batch, accum_steps))
+    (ce, count, grads), _ = jax.lax.scan(
+        body, (jnp.float32(0), jnp.float32(0), zeros),
+        (_microbatches(batch, accum_steps), jnp.arange(accum_steps)))
     return ce, count, grads
 
 
-def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn,
+def train_step(state: TrainState, batch: Batch, frozen: Any = None, *, apply_fn: ApplyFn,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                z_loss: float = 0.0, accum_steps: int = 1, loss_chunk_length: int = 0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on the global batch; returns the new state and scalar metrics."""
-    ce, count, grads = loss_and_grads(state.params, batch, apply_fn=apply_fn, z_loss=z_loss,
-                                      accum_steps=accum_steps, loss_chunk_length=loss_chunk_length)
+    """One optimizer update on the global batch; returns the new state and scalar metrics.
+
+    `frozen`: a LoRA run's base (state.params are then its adapters); see the module doc.
+    """
+    ce, count, grads = loss_and_grads(
+        state.params, batch, apply_fn=apply_fn, z_loss=z_loss, accum_steps=accum_steps,
+        loss_chunk_length=loss_chunk_length, frozen=frozen,
+        rng=None if frozen is None else dropout_key(state))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss, grad_norm = ce / denom, optax.global_norm(grads)
@@ -267,9 +314,12 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn,
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, apply_fn: ApplyFn) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, frozen: Any = None, *,
+              apply_fn: ApplyFn) -> dict[str, jax.Array]:
     """Summed CE and token count of one batch (the caller divides after the last batch)."""
-    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    extra = () if frozen is None else (frozen,)
+    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                            *extra)
     logits = jnp.einsum("btd,dv->btv", hidden, head)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     ce, _, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
@@ -288,30 +338,55 @@ def compile_step(fn: Callable[..., Any], args: tuple, in_shardings: tuple, out_s
         return jitted.lower(*args).compile()
 
 
+def _with_frozen(args: tuple, in_shardings: tuple, frozen: Any) -> tuple[tuple, tuple]:
+    """(args, in_shardings) with the abstract frozen base (carrying its shardings) appended."""
+    if frozen is None:
+        return args, in_shardings
+    return args + (frozen,), in_shardings + (jax.tree.map(lambda x: x.sharding, frozen),)
+
+
 def compile_train_step(abstract_state: Any, shardings: Any, batch: dict, mesh: Mesh, rules: Rules,
-                       **step_kwargs: Any) -> jax.stages.Compiled:
-    """train_step bound to model/optimizer and compiled once; the state argument is donated."""
+                       frozen: Any = None, **step_kwargs: Any) -> jax.stages.Compiled:
+    """train_step bound to model/optimizer and compiled once; the state argument is donated.
+
+    `frozen`: a LoRA run's abstract base (ShapeDtypeStructs with shardings): a third argument,
+    not donated.
+    """
     fn = functools.partial(train_step, **step_kwargs)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
-    return compile_step(fn, (abstract_like(abstract_state, shardings), batch),
-                        (shardings, batch_shardings), (shardings, replicated(mesh)),
+    args, in_shardings = _with_frozen((abstract_like(abstract_state, shardings), batch),
+                                      (shardings, batch_shardings), frozen)
+    return compile_step(fn, args, in_shardings, (shardings, replicated(mesh)),
                         mesh, rules, donate_argnums=(0,))
 
 
 def compile_eval_step(abstract_params: Any, param_shardings: Any, batch: dict, mesh: Mesh,
-                      rules: Rules, apply_fn: ApplyFn) -> jax.stages.Compiled:
+                      rules: Rules, apply_fn: ApplyFn, frozen: Any = None) -> jax.stages.Compiled:
     fn = functools.partial(eval_step, apply_fn=apply_fn)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
-    return compile_step(fn, (abstract_like(abstract_params, param_shardings), batch),
-                        (param_shardings, batch_shardings), replicated(mesh), mesh, rules)
+    args, in_shardings = _with_frozen((abstract_like(abstract_params, param_shardings), batch),
+                                      (param_shardings, batch_shardings), frozen)
+    return compile_step(fn, args, in_shardings, replicated(mesh), mesh, rules)
 
 
 def compile_steps(abstract_state: Any, shardings: Any, batch: dict, mesh: Mesh, rules: Rules, *,
-                  apply_fn: ApplyFn, **train_kwargs: Any) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
-    """(train step, eval step) of one run, compiled for the same batch layout."""
-    return (compile_train_step(abstract_state, shardings, batch, mesh, rules, apply_fn=apply_fn,
-                               **train_kwargs),
-            compile_eval_step(abstract_state.params, shardings.params, batch, mesh, rules, apply_fn))
+                  apply_fn: ApplyFn, frozen: Any = None, **train_kwargs: Any
+                  ) -> tuple[Callable, Callable]:
+    """(train step, eval step) of one run, compiled for the same batch layout.
+
+    With a LoRA run's `frozen` base (arrays), both are bound to it, so the loop calls
+    `train_step(state, batch)` and `eval_step(params, batch)` either way.
+    """
+    abstract_frozen = None if frozen is None else abstract_like(
+        frozen, jax.tree.map(lambda x: x.sharding, frozen))
+    train = compile_train_step(abstract_state, shardings, batch, mesh, rules, abstract_frozen,
+                               apply_fn=apply_fn, **train_kwargs)
+    evaluate = compile_eval_step(abstract_state.params, shardings.params, batch, mesh, rules,
+                                 apply_fn, abstract_frozen)
+    if frozen is None:
+        return train, evaluate
+    return (lambda state, batch: train(state, batch, frozen),
+            lambda params, batch: evaluate(params, batch, frozen))
 
 
 # --- The eval loop --------------------------------------------------------------------------

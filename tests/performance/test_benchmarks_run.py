@@ -25,6 +25,9 @@ CASES = {
                    ["state_mb", "save_mb_per_s", "restore_mb_per_s", "copy_mb_per_s"]),
     "generate": (["benchmarks/generate.py", "--model", "gin/models/tiny.gin", "--prompt_len", "8",
                   "--new_tokens", "4", "--batches", "1", "--repeats", "1"], []),
+    "lora": (["benchmarks/lora.py", "--quick"], ["tokens_per_sec", "trainable_state_bytes",
+                                                 "trainable_state_ratio", "step_bytes"]),
+    "serve": (["benchmarks/serve.py", "--quick"], ["transformers_tokens_per_sec"]),
 }
 
 

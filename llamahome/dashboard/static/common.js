@@ -110,6 +110,7 @@ class MetricsFeed {
     this.since = 0;
     this.train = new MetricSeries();
     this.eval = new MetricSeries();
+    this.downstream = new MetricSeries();  // lm-eval task metrics: {"<task>/<metric>": value}
   }
 
   // Returns true when new records arrived.
@@ -120,7 +121,7 @@ class MetricsFeed {
       if (data.reset) { this.reset(); changed = true; }
       for (const r of data.records) {
         if (typeof r.step !== "number") continue;
-        (r.split === "eval" ? this.eval : this.train).add(r);
+        (r.split === "eval" ? this.eval : r.split === "downstream" ? this.downstream : this.train).add(r);
         changed = true;
       }
       const advanced = data.next !== this.since;
@@ -129,6 +130,15 @@ class MetricsFeed {
     }
     return changed;
   }
+}
+
+// The "<task>/<metric>" keys of downstream records, sorted.
+function downstreamKeys(series) {
+  const keys = new Set();
+  for (const r of series.records) {
+    for (const k of Object.keys(r)) if (k.includes("/")) keys.add(k);
+  }
+  return [...keys].sort();
 }
 
 function navBar(active) {

@@ -6,6 +6,7 @@ const chosen = (params.get("runs") || "").split(",").filter(Boolean);
 const feeds = new Map();  // run name -> MetricsFeed
 let runs = [];
 const chart = new LinePlot(document.getElementById("chart-compare"), { title: "Loss", height: 420 });
+const downstreamChart = new LinePlot(document.getElementById("chart-downstream"), { title: "Downstream" });
 
 function color(name) {
   return COLORS[runs.findIndex((r) => r.name === name) % COLORS.length] || COLORS[0];
@@ -40,6 +41,30 @@ function draw() {
       el("td", { class: "num" }, fmtNum(run.tokens_per_sec, 3)));
   });
   document.querySelector("#compare-table tbody").replaceChildren(...rows);
+  drawDownstream();
+}
+
+// lm-eval task metrics: the chosen metric's curve per run, and a table of every metric's
+// last value (a column per run).
+function drawDownstream() {
+  const keys = [...new Set(chosen.flatMap((n) => (feeds.has(n) ? downstreamKeys(feeds.get(n).downstream) : [])))].sort();
+  document.getElementById("downstream-card").hidden = keys.length === 0;
+  const select = document.getElementById("downstream-metric");
+  const picked = keys.includes(select.value) ? select.value : keys[0];
+  select.replaceChildren(...keys.map((k) => el("option", { value: k }, k)));
+  if (picked) select.value = picked;
+  downstreamChart.opts.title = picked || "Downstream";
+  downstreamChart.setSeries(chosen.filter((n) => feeds.has(n)).map((n) => {
+    const d = feeds.get(n).downstream;
+    return { name: n, color: color(n), xs: d.xs(), ys: d.ys(picked), markers: true };
+  }));
+  document.querySelector("#downstream-table thead").replaceChildren(el("tr", {},
+    el("th", {}, "Task / metric"), ...chosen.map((n) => el("th", { class: "num" }, n))));
+  document.querySelector("#downstream-table tbody").replaceChildren(...keys.map((k) => el("tr", {},
+    el("td", {}, k), ...chosen.map((n) => {
+      const last = feeds.has(n) ? feeds.get(n).downstream.last() : null;
+      return el("td", { class: "num" }, fmtNum(last ? last[k] : undefined));
+    }))));
 }
 
 // Eval records carry no tokens_seen: take the train record's at the same (or last earlier) step.
@@ -76,4 +101,5 @@ async function refresh() {
 navBar("Compare");
 document.getElementById("x-axis").addEventListener("change", draw);
 document.getElementById("show-eval").addEventListener("change", draw);
+document.getElementById("downstream-metric").addEventListener("change", drawDownstream);
 every(() => 10000, refresh, console.error);

@@ -13,6 +13,7 @@ const charts = {
   lr: new LinePlot(document.getElementById("chart-lr"), { title: "Learning rate" }),
   tps: new LinePlot(document.getElementById("chart-tps"), { title: "Tokens / s" }),
   mfu: new LinePlot(document.getElementById("chart-mfu"), { title: "MFU", yFormat: fmtPercent }),
+  downstream: new LinePlot(document.getElementById("chart-downstream"), { title: "Downstream metrics" }),
 };
 
 function running() {
@@ -28,6 +29,27 @@ function drawCharts() {
   charts.lr.setSeries([{ name: "learning rate", color: COLORS[2], xs, ys: t.ys("learning_rate") }]);
   charts.tps.setSeries([{ name: "tokens/s", color: COLORS[3], xs, ys: t.ys("tokens_per_sec") }]);
   charts.mfu.setSeries([{ name: "MFU", color: COLORS[4], xs, ys: t.ys("mfu") }]);
+  drawDownstream();
+}
+
+// lm-eval task metrics: a row per task and metric (last, best, where), and their curves.
+function drawDownstream() {
+  const d = feed.downstream, keys = downstreamKeys(d);
+  document.getElementById("downstream-card").hidden = keys.length === 0;
+  charts.downstream.setSeries(keys.map((k, i) => (
+    { name: k, color: COLORS[i % COLORS.length], xs: d.xs(), ys: d.ys(k), markers: true })));
+  const rows = keys.map((k) => {
+    const ys = d.ys(k), xs = d.xs();
+    const finite = ys.map((y, i) => [y, xs[i]]).filter(([y]) => Number.isFinite(y));
+    const lowerIsBetter = /perplexity|bits_per_byte|loss/.test(k);
+    const best = finite.reduce((b, p) => (!b || (lowerIsBetter ? p[0] < b[0] : p[0] > b[0]) ? p : b), null);
+    const [task, metric] = [k.slice(0, k.lastIndexOf("/")), k.slice(k.lastIndexOf("/") + 1)];
+    return el("tr", {}, el("td", {}, task), el("td", {}, metric),
+      el("td", { class: "num" }, fmtNum(ys[ys.length - 1])),
+      el("td", { class: "num" }, best ? fmtNum(best[0]) : "–"),
+      el("td", { class: "num" }, best ? String(best[1]) : "–"));
+  });
+  document.querySelector("#downstream-table tbody").replaceChildren(...rows);
 }
 
 function stat(label, value) {

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import uvicorn
+from tests.conftest import serving
 
-from llamahome.dashboard.server import bind_socket, url_of
 
 CONFIG = ("# gin bindings\nLlamaConfig.name = 'tiny'\nLlamaConfig.num_layers = 2\n"
           "train.steps = {total}\ntrain.learning_rate = 0.001\n")
@@ -36,8 +32,16 @@ def eval_record(step: int, start: float) -> dict:
             "perplexity": math.exp(loss)}
 
 
+def downstream_record(step: int, start: float) -> dict:
+    """An lm-eval line as training's downstream evals write it (monitor.MetricsWriter.downstream)."""
+    return {"step": step, "time": start + step + 0.7, "split": "downstream",
+            "hellaswag/acc": 0.25 + step / 1000, "hellaswag/acc_norm": 0.26 + step / 1000,
+            "wikitext/word_perplexity": 900.0 - step}
+
+
 def write_run(runs_dir: Path, name: str, *, steps: int = 40, total_steps: int = 100,
               status: str = "running", heartbeat_age_s: float = 1.0, eval_every: int = 10,
+              downstream_every: int = 0,
               checkpoints: dict[int, int] | None = None, cache_stats: dict | None = None,
               model: str = "tiny", started: float | None = None) -> list[dict]:
     """Writes a run dir as training would; returns the metric records written, in order."""
@@ -50,6 +54,8 @@ def write_run(runs_dir: Path, name: str, *, steps: int = 40, total_steps: int = 
         records.append(train_record(step, start))
         if step % eval_every == 0:
             records.append(eval_record(step, start))
+        if downstream_every and step % downstream_every == 0:
+            records.append(downstream_record(step, start))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "status.json").write_text(json.dumps({
         "status": status, "step": steps, "total_steps": total_steps, "model": model,
@@ -65,21 +71,4 @@ def write_run(runs_dir: Path, name: str, *, steps: int = 40, total_steps: int = 
     return records
 
 
-@contextlib.contextmanager
-def serve(app, timeout_s: float = 20.0) -> Iterator[str]:
-    """Serves `app` on 127.0.0.1 on a free port in a thread; yields its base URL."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the dashboard server did not start")
-        time.sleep(0.02)
-    try:
-        yield url_of(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout_s)
-        sock.close()
+serve = serving  # uvicorn in a thread on a free loopback port (tests/conftest.py)

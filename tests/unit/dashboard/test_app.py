@@ -160,3 +160,41 @@ def test_generate_needs_a_json_content_type_and_names_the_bad_field(url):
     assert response.status_code == 400
     assert response.json() == {"error": "temperature must be a number in [0, 100] (0 is greedy)",
                                "field": "temperature"}
+
+
+def test_downstream_records_reach_their_own_series_and_leave_the_loss_curve_alone(url, runs, tmp_path):
+    """The pages' MetricsFeed (common.js, run in Node against this server) files downstream lines
+    apart: the train series keeps every step, the downstream one has its task metrics."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    root, _ = runs
+    write_run(root, "with-tasks", steps=20, eval_every=10, downstream_every=5)
+    script = tmp_path / "feed.js"
+    script.write_text((STATIC_DIR / "common.js").read_text() + f"""
+globalThis.fetch = (u, o) => globalThis.realFetch("{url}" + u, o);
+(async () => {{
+  const feed = new MetricsFeed("with-tasks");
+  await feed.poll();
+  console.log(JSON.stringify({{train: feed.train.xs(), eval: feed.eval.xs(),
+    downstream: feed.downstream.xs(), keys: downstreamKeys(feed.downstream)}}));
+}})();
+""".replace("globalThis.realFetch", "fetchOriginal"))
+    script.write_text("const fetchOriginal = globalThis.fetch;\n" + script.read_text())
+    out = json.loads(subprocess.run(["node", str(script)], capture_output=True, text=True,
+                                    check=True, timeout=60).stdout)
+    assert out["train"] == list(range(1, 21)) and out["eval"] == [10, 20]
+    assert out["downstream"] == [5, 10, 15, 20]
+    assert out["keys"] == ["hellaswag/acc", "hellaswag/acc_norm", "wikitext/word_perplexity"]
+
+
+@pytest.mark.parametrize("page,ids", [("/runs/live", ["downstream-card", "downstream-table",
+                                                      "chart-downstream"]),
+                                      ("/compare?runs=live", ["downstream-card", "downstream-metric",
+                                                              "downstream-table"])])
+def test_run_and_compare_pages_have_a_downstream_section(url, page, ids):
+    html = get(url, page).text
+    for element in ids:
+        assert f'id="{element}"' in html

@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from llamahome.dashboard.server import bind_socket, is_loopback
+from llamahome.dashboard.server import bind_socket
+from llamahome.net import is_loopback
 from llamahome.errors import ConfigError
 from tests.conftest import REPO, run_python
 from tests.unit.dashboard.fake_runs import write_run
