@@ -194,11 +194,13 @@ def _constrain(tree, axes, rules: Rules | None):
                             is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def _apply(model: _Model, params, adapters, tokens, positions, segment_ids, cache):
+def _apply(model: _Model, params, adapters, tokens, positions, segment_ids, cache,
+           logits_at=None):
     variables = {"params": params, **({"lora": adapters} if adapters is not None else {})}
     module = Llama(model.config, lora=model.lora)
     with nn.logical_axis_rules(model.rules) if model.rules else contextlib.nullcontext():
-        return module.apply(variables, tokens, positions, segment_ids, cache=cache)
+        return module.apply(variables, tokens, positions, segment_ids, cache=cache,
+                            logits_at=logits_at)
 
 
 def _draw(logits, seeds, counts, sampling, seen, outputs: _Outputs):
@@ -228,30 +230,32 @@ def _init_slots(*, model: _Model, batch: int, max_len: int) -> Slots:
 @functools.partial(jax.jit, static_argnames=("model", "outputs"), donate_argnums=2)
 def _prefill(params, adapters, slots: Slots, slot, tokens, length, seed, sampling, *,
              model: _Model, outputs: _Outputs):
-    """Runs one prompt (tokens [1, P], its first `length` real) into row `slot` and samples its
-    first token; the row's cache is written whole (P slots, segment ids to the end)."""
-    c, bucket = model.config, tokens.shape[1]
-    segment_ids = (jnp.arange(bucket) < length).astype(jnp.int32)[None]  # [1, P]
-    logits, row = _apply(model.alone(), params, adapters, tokens, jnp.arange(bucket)[None],
-                         segment_ids, init_cache(c, 1, bucket, per_row=True))
-    logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1).astype(jnp.float32)  # [1, V]
-    seen = jnp.zeros((1, c.vocab_size), bool).at[0, tokens[0]].max(segment_ids[0] != 0)
-    sampling = {name: jnp.reshape(value, (1,)) for name, value in sampling.items()}
-    token, extras = _draw(logits, seed[None], jnp.zeros((1,), jnp.int32), sampling, seen, outputs)
+    """Runs k prompts (tokens [k, P], row i's first length[i] real) into rows slot [k] and
+    samples each one's first token; a row's cache is written whole (P slots, segment ids to
+    the end). Padding rows have slot = B (out of range): their writes are dropped."""
+    c, (k, bucket) = model.config, tokens.shape
+    segment_ids = (jnp.arange(bucket) < length[:, None]).astype(jnp.int32)  # [k, P]
+    logits, rows = _apply(model.alone(), params, adapters, tokens,
+                          jnp.broadcast_to(jnp.arange(bucket), (k, bucket)), segment_ids,
+                          init_cache(c, k, bucket, per_row=True), logits_at=length - 1)
+    seen = jnp.zeros((k, c.vocab_size), bool).at[jnp.arange(k)[:, None], tokens].max(
+        segment_ids != 0)
+    token, extras = _draw(logits[:, 0].astype(jnp.float32), seed, jnp.zeros((k,), jnp.int32),
+                          sampling, seen, outputs)
 
-    def put(whole, part):  # part [1, ...] into row `slot` of whole [B, ...]
-        return jax.lax.dynamic_update_slice(whole, part.astype(whole.dtype),
-                                            (slot,) + (0,) * (whole.ndim - 1))
+    def put(whole, part):  # part [k, <= whole's length, ...] into rows `slot` of whole [B, ...]
+        return whole.at[slot, :part.shape[1]].set(part.astype(whole.dtype), mode="drop")
     max_len = slots.cache.max_len
-    cache = KVCache(k=tuple(map(put, slots.cache.k, row.k)),
-                    v=tuple(map(put, slots.cache.v, row.v)),
+    cache = KVCache(k=tuple(map(put, slots.cache.k, rows.k)),
+                    v=tuple(map(put, slots.cache.v, rows.v)),
                     segment_ids=put(slots.cache.segment_ids,
                                     jnp.pad(segment_ids, ((0, 0), (0, max_len - bucket)))),
-                    index=slots.cache.index.at[slot].set(length))
-    slots = Slots(cache=cache, last=slots.last.at[slot].set(token[0]),
-                  count=slots.count.at[slot].set(1), seed=slots.seed.at[slot].set(seed),
-                  seen=put(slots.seen, seen.at[0, token[0]].set(True)),
-                  sampling={name: slots.sampling[name].at[slot].set(value[0])
+                    index=slots.cache.index.at[slot].set(length, mode="drop"))
+    slots = Slots(cache=cache, last=slots.last.at[slot].set(token, mode="drop"),
+                  count=slots.count.at[slot].set(1, mode="drop"),
+                  seed=slots.seed.at[slot].set(seed, mode="drop"),
+                  seen=put(slots.seen, seen.at[jnp.arange(k), token].set(True)),
+                  sampling={name: slots.sampling[name].at[slot].set(value, mode="drop")
                             for name, value in sampling.items()})
     return _constrain(slots, _slot_axes(c), model.rules), token, extras
 
@@ -356,22 +360,51 @@ class EngineCore:
 
     def admit(self, request: Request) -> tuple[int, TokenEvent]:
         """Prefills `request` into a free slot; returns the slot and the first token's event."""
-        self.check(request)
-        slot = self.free_slots()[0]  # IndexError when full: the caller checks free_slots
-        length = len(request.prompt)
-        tokens = np.zeros((1, prefill_bucket(length, self.max_seq_len)), np.int32)
-        tokens[0, :length] = request.prompt
-        sampling = {name: np.asarray(value, _dtype(name))
-                    for name, value in row_settings(request.sampler).items()}
-        outputs = _Outputs(request.filters, self.keep_logits)
+        return self.admit_many([request])[0]
+
+    def admit_many(self, requests: Sequence[Request]) -> list[tuple[int, TokenEvent]]:
+        """Prefills `requests` into free slots: (slot, first token's event) of each, in order.
+
+        The prompts of one bucket run in one call (a batch of k rows costs far less than k
+        calls of one), every call dispatched before the first read back.
+        """
+        for request in requests:
+            self.check(request)
+        free = self.free_slots()
+        if len(requests) > len(free):
+            raise IndexError(f"{len(requests)} requests for {len(free)} free slots")
+        groups: dict[int, list[tuple[int, Request]]] = collections.defaultdict(list)
+        for slot, request in zip(free, requests):
+            groups[prefill_bucket(len(request.prompt), self.max_seq_len)].append((slot, request))
+            self.requests[slot], self.generated[slot], self.dispatched[slot] = request, 0, 1
+        calls = [(group, self._prefill(bucket, group)) for bucket, group in groups.items()]
+        events = {}
+        for group, outputs in calls:
+            tokens, extras = jax.device_get(outputs)
+            for row, (slot, _) in enumerate(group):
+                events[slot] = self._event(slot, int(tokens[row]), extras, row)
+        return [(slot, events[slot]) for slot in free[:len(requests)]]
+
+    def _prefill(self, bucket: int, group: list[tuple[int, Request]]) -> tuple:
+        """Dispatches the prefill of `group`'s prompts (one bucket) into their slots; its rows
+        are padded to a power of two (at most max_batch) so that a new count rarely compiles."""
+        rows = min(1 << (len(group) - 1).bit_length(), self.max_batch)
+        slots = np.full(rows, self.max_batch, np.int32)  # padding rows: out of range, dropped
+        tokens = np.zeros((rows, bucket), np.int32)
+        lengths, seeds = np.ones(rows, np.int32), np.zeros(rows, np.uint32)
+        sampling = {name: np.full(rows, value, _dtype(name)) for name, value in _OFF.items()}
+        for row, (slot, request) in enumerate(group):
+            slots[row], lengths[row], seeds[row] = slot, len(request.prompt), request.seed
+            tokens[row, :len(request.prompt)] = request.prompt
+            for name, value in row_settings(request.sampler).items():
+                sampling[name][row] = value
+        outputs = _Outputs(tuple(sorted({f for _, r in group for f in r.filters})),
+                           self.keep_logits)
         with self._on_mesh():
-            self.slots, token, extras = _prefill(
-                self.params, self.adapters, self.slots, np.int32(slot), tokens,
-                np.int32(length), np.uint32(request.seed), sampling, model=self.model,
-                outputs=outputs)
-        self.requests[slot], self.generated[slot], self.dispatched[slot] = request, 0, 1
-        token, extras = jax.device_get((token, extras))
-        return slot, self._event(slot, int(token[0]), extras, 0)
+            self.slots, tokens, extras = _prefill(
+                self.params, self.adapters, self.slots, slots, tokens, lengths, seeds, sampling,
+                model=self.model, outputs=outputs)
+        return tokens, extras
 
     def step(self) -> list[tuple[int, TokenEvent]]:
         """Completes one decode step of every running slot: (slot, event) of each, slot order.
@@ -441,7 +474,7 @@ class Handle:
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             item = self._events.get()
-            if item is _END:
+            if item is _END or self.cancelled:  # events queued before a cancel are dropped
                 return
             if isinstance(item, BaseException):
                 raise EngineClosed(f"the engine stopped before the request finished: {item}")
@@ -579,11 +612,11 @@ class Engine:
             admitted = [self._waiting.popleft()
                         for _ in range(min(len(self._waiting), len(self._core.free_slots())))]
             self._stats = self._snapshot()
-        for handle in admitted:  # prefill outside the lock: submit() and cancel() stay quick
-            slot, event = self._core.admit(handle.request)
+        if admitted:  # prefill outside the lock: submit() and cancel() stay quick
+            events = self._core.admit_many([handle.request for handle in admitted])
             with self._lock:
-                self._running[slot] = handle
-            self._deliver([(slot, event)])
+                self._running.update((slot, h) for (slot, _), h in zip(events, admitted))
+            self._deliver(events)
         return True
 
     def _deliver(self, events: list[tuple[int, TokenEvent]]) -> None:

@@ -113,11 +113,10 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     # --- Mesh and data: the validation split is opened once and rewound for every eval.
     batches = batch_sharding(mesh, rules)
     step_lib.check_batch_divisible(batch_size, gradient_accumulation_steps, batches)
-    open_split = functools.partial(
-        open_shards, make_data_iterator, global_batch_size=batch_size, num_shards=data_shards,
-        seq_len=seq_len, seed=seed, config=data, tokenizer=tokenizer, cache_manager=cache)
-    train_iter = open_split("train")
-    validation = Validation(open_split("validation"), eval_batches) if eval_every else None
+    train_iter, validation = _open_splits(
+        functools.partial(open_shards, make_data_iterator, global_batch_size=batch_size,
+                          num_shards=data_shards, seq_len=seq_len, seed=seed, config=data,
+                          tokenizer=tokenizer, cache_manager=cache), eval_every, eval_batches)
 
     # --- Model and optimizer: the vocabulary and the schedule follow the checkpoint resumed.
     ckpt = Checkpointer(run.checkpoints, checkpoint)
@@ -141,11 +140,8 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     downstream = build_downstream(downstream_eval_every, downstream_tasks, downstream_limit, config,
                                   tokenizer, mesh, rules, best_metric=checkpoint.best_metric,
                                   lora=lora, base_params=base and base.params)
-    state = restore_or_init(ckpt, abstract_state, shardings, train_iter, init_params=init_fn,
-                            optimizer=tx, seed=seed, init_from=None if base else resolved,
-                            load_params=lambda path, s: load_params_for(path, config, s),
-                            resume_with_changed_config=resume_with_changed_config,
-                            check_step=base and base.check_step)
+    state = _restore(ckpt, abstract_state, shardings, train_iter, init_fn, tx, seed, config,
+                     None if base else resolved, resume_with_changed_config, base)
     train_step, eval_step = step_lib.compile_steps(
         abstract_state, shardings, step_lib.abstract_batch(batch_size, seq_len, batches), mesh,
         rules, apply_fn=apply_fn, frozen=base and base.params, optimizer=tx, schedule=schedule,
@@ -159,10 +155,34 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
                 Watchdog(f"process {jax.process_index()} of {jax.process_count()}"),
                 step_lib.blank_batch(batch_size // jax.process_count(), seq_len), steps, eval_every,
                 downstream)
-    state, status, eval_loss = run_loop(loop, state)
+    return _finish(run, is_writer, cache, reporter, *run_loop(loop, state))
+
+
+def _restore(ckpt: Checkpointer, abstract_state: TrainState, shardings: Any, train_iter: Any,
+             init_fn: Callable, tx: optax.GradientTransformation, seed: int, config: LlamaConfig,
+             init_from: str | None, resume_with_changed_config: bool,
+             base: FrozenBase | None) -> TrainState:
+    """The newest trusted step, else `init_from`'s params, else fresh ones (restore_or_init)."""
+    return restore_or_init(ckpt, abstract_state, shardings, train_iter, init_params=init_fn,
+                           optimizer=tx, seed=seed, init_from=init_from,
+                           load_params=lambda path, s: load_params_for(path, config, s),
+                           resume_with_changed_config=resume_with_changed_config,
+                           check_step=base and base.check_step)
+
+
+def _open_splits(open_split: Callable[[str], Any], eval_every: int,
+                 eval_batches: int | None) -> tuple[Any, Validation | None]:
+    """The train iterator, and the validation split opened once (rewound for every eval)."""
+    train_iter = open_split("train")
+    return train_iter, Validation(open_split("validation"), eval_batches) if eval_every else None
+
+
+def _finish(run: RunDir, is_writer: bool, cache: CacheManager, reporter: StepReporter,
+            state: TrainState, status: str, eval_loss: float | None) -> dict:
+    """Writes the cache statistics and returns the job's summary."""
     if is_writer:
         write_text_atomic(run.cache_stats, json.dumps(cache.stats()))
-    logging.info("%s at step %d; checkpoints in %s", status, int(state.step), ckpt.directory)
+    logging.info("%s at step %d; checkpoints in %s", status, int(state.step), run.checkpoints)
     return {"step": int(state.step), "status": status, "loss": reporter.last_loss,
             "eval_loss": eval_loss if eval_loss is not None else float("nan")}
 
