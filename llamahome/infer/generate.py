@@ -69,10 +69,10 @@ class _Batch:
         self.pad_id = pad_id
         self.events: list[list[TokenEvent]] = [[] for _ in prompts]
         self.row_of: dict[int, int] = {}  # slot -> prompt
-        for row, prompt in enumerate(prompts):
-            request = Request(prompt=tuple(prompt), max_tokens=max_new_tokens, sampler=sampler,
-                              seed=seed + row, stop_ids=frozenset(stop_ids))
-            slot, event = self.core.admit(request)
+        requests = [Request(prompt=tuple(prompt), max_tokens=max_new_tokens, sampler=sampler,
+                            seed=seed + row, stop_ids=frozenset(stop_ids))
+                    for row, prompt in enumerate(prompts)]
+        for row, (slot, event) in enumerate(self.core.admit_many(requests)):
             self.row_of[slot] = row
             self.events[row].append(event)
 

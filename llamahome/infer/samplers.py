@@ -147,6 +147,15 @@ def sample(logits: jax.Array, key: jax.Array, settings: Settings,
     return sample_rows(logits, keys, settings, seen)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (ties: the first index) as int32, computed as a max and a
+    min: two vectorised reductions, where XLA:CPU's argmax (a variadic reduce) costs ~6x as
+    much over [8, 32k] logits, ~15% of a decode step of a small model."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1), x.shape[-1] - 1)
+
+
 def sample_rows(logits: jax.Array, keys: jax.Array, settings: Settings,
                 seen: jax.Array | None = None) -> jax.Array:
     """Token ids [B] int32 from logits [B, V], row r drawing with its own key `keys[r]`.
@@ -154,7 +163,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, settings: Settings,
     Rows with temperature 0 (or all rows, when temperature is not in `settings`) take the argmax.
     """
     logits = filtered_logits(logits, settings, seen)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     if "temperature" not in settings:
         return greedy
     drawn = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

@@ -342,36 +342,33 @@ class Delta:
 _END = object()
 
 
-async def engine_events(handle) -> AsyncIterator[list]:
-    """The handle's events, read by a thread of its own so the event loop never blocks; each
-    item is every event that arrived since the last, so a busy server sends fewer chunks."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+class EngineEvents:
+    """A request's events on the event loop: the engine thread hands each over with
+    call_soon_threadsafe (its `listener`), so no thread per request wakes for every token to
+    compete with the engine thread for the GIL."""
 
-    def put(item) -> None:
+    def __init__(self) -> None:
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def listener(self, item) -> None:
+        """Called by the engine thread: a TokenEvent, None (no more), or an exception."""
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, _END if item is None else item)
 
-    def pump() -> None:
-        try:
-            for event in handle:
-                put(event)
-        except Exception as e:  # noqa: BLE001  (handed to the request, which reports it)
-            put(e)
-        finally:
-            put(_END)
-
-    threading.Thread(target=pump, name="serve-events", daemon=True).start()
-    while True:
-        items = [await queue.get()]
-        while not queue.empty():
-            items.append(queue.get_nowait())
-        events = [item for item in items if item is not _END and not isinstance(item, Exception)]
-        if events:
-            yield events
-        if errors := [item for item in items if isinstance(item, Exception)]:
-            raise errors[0]
-        if _END in items:
-            return
+    async def batches(self) -> AsyncIterator[list]:
+        """Lists of events: every event that arrived since the last, so a busy server sends
+        fewer chunks; ends after a finish reason, the end of the request, or raises its error."""
+        while True:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            events = [item for item in items if item is not _END and not isinstance(item, Exception)]
+            if events:
+                yield events
+            if errors := [item for item in items if isinstance(item, Exception)]:
+                raise errors[0]
+            if _END in items or any(e.finish_reason is not None for e in events):
+                return
 
 
 class Run:
@@ -384,7 +381,8 @@ class Run:
         self.first: float | None = None
         self.tokens_out = 0
         self.finish_reason = "cancelled"
-        self.handle = state.submit(ask)  # QueueFull -> 429 before any response starts
+        self.events = EngineEvents()
+        self.handle = state.submit(ask, self.events.listener)  # QueueFull -> 429 up front
         self.engine_done = self.closed = False
 
     def close(self) -> None:
@@ -402,7 +400,7 @@ class Run:
         text = TextStream(tokenizer, self.ask.prompt_ids, tokenizer.stop_ids, self.ask.stop)
         tokens: list[tuple[int, float | None]] = []
         try:
-            async with contextlib.aclosing(engine_events(self.handle)) as batches:
+            async with contextlib.aclosing(self.events.batches()) as batches:
                 async for events in batches:
                     self.first = self.first or time.perf_counter()
                     piece, finish = self._take(events, text, tokens)
@@ -545,13 +543,14 @@ class ServerState:
         self.counts = {"requests": 0, "active": 0, "rejected_queue_full": 0, "cancelled": 0}
         self._lock = threading.Lock()
 
-    def submit(self, ask: Ask):
-        """The engine handle of `ask`; 429 when the engine's waiting queue is full."""
+    def submit(self, ask: Ask, listener: Callable[[object], None]):
+        """The engine handle of `ask`, its events to `listener`; 429 when the engine's waiting
+        queue is full."""
         try:
             handle = self.engine.submit(ask.prompt_ids, ask.max_tokens,
                                         temperature=ask.temperature, top_p=ask.top_p,
                                         seed=ask.seed, stop_ids=self.served.tokenizer.stop_ids,
-                                        logprobs=ask.logprobs is not None)
+                                        logprobs=ask.logprobs is not None, listener=listener)
         except QueueFull:
             with self._lock:
                 self.counts["rejected_queue_full"] += 1

@@ -330,8 +330,8 @@ def _projections(module: nn.Module, x: jax.Array, specs: list[tuple[str, tuple, 
     dropout of its input, so the expected update is unchanged (training only). Base weights and
     adapters are created in the order of `specs`, as one `_projection` each would.
     """
-    weights = [(_base_weight(module, name, shape, axes), _adapter(module, name, shape, axes, in_dims))
-               for name, shape, axes in specs]
+    weights = [(_base_weight(module, name, shape, axes),
+                _adapter(module, name, shape, axes, in_dims)) for name, shape, axes in specs]
     ys = [_matmul(x, w, in_dims) for w, _ in weights]
     adapters = [(i, adapter) for i, (_, adapter) in enumerate(weights) if adapter is not None]
     if not adapters:

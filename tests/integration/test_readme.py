@@ -172,6 +172,10 @@ def test_readme_commands_run_as_written(tmp_path):
     assert (run / "hf" / "config.json").is_file() and (work / "runs" / "imported" / "model.gin").is_file()
     assert (work / "my_tokenizer" / "tokenizer.json").is_file()
     assert (work / "runs" / "tiny" / "checkpoints").is_dir()
+    lora_steps = sorted((work / "runs" / "lora" / "checkpoints").glob("[0-9]*"))
+    assert lora_steps and (lora_steps[-1] / "adapter.json").is_file()  # adapters, on their base
+    assert (work / "runs" / "lora" / "peft" / "adapter_config.json").is_file()
+    assert (work / "runs" / "lora_imported" / "adapter.json").is_file()
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = {r["step"]: r["learning_rate"] for r in train if r["split"] == "train"}
     assert max(rates) == CONTINUED_STEPS  # continued past the first 4 steps ...
@@ -210,9 +214,16 @@ def _run_in_process(argv: list[str]) -> tuple[int, str]:
     return rc, out.getvalue()
 
 
+# A serving job: what it prints when it listens, and the page asked for at that URL.
+SERVERS = {"dashboard": (r"dashboard: (http://\S+)", ""),
+           "serve": (r"API on (http://\S+?)/v1 ", "/v1/models")}
+
+
 def _serve(argv: list[str]) -> tuple[int, str]:
     """Starts a serving command, waits for its page, stops it; (0 if it answered, its output)."""
-    proc = subprocess.Popen([sys.executable, *LAUNCH, *argv, "--gin_param=dashboard.port=0"],
+    scope = "serve" if any(a.endswith("gin/jobs/serve.gin") for a in argv) else "dashboard"
+    listening, page = SERVERS[scope]
+    proc = subprocess.Popen([sys.executable, *LAUNCH, *argv, f"--gin_param={scope}.port=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -222,8 +233,8 @@ def _serve(argv: list[str]) -> tuple[int, str]:
             if not line:
                 break
             lines.append(line)
-            if (m := re.search(r"dashboard: (http://\S+)", line)):
-                with urllib.request.urlopen(m.group(1), timeout=30) as response:
+            if (m := re.search(listening, line)):
+                with urllib.request.urlopen(m.group(1) + page, timeout=30) as response:
                     return (0 if response.status == 200 else 1), "".join(lines)
         return 1, "".join(lines)
     finally:

@@ -280,7 +280,8 @@ import sys
 from pathlib import Path
 import uvicorn
 from llamahome.dashboard.app import build_app
-from llamahome.dashboard.server import bind_socket, url_of
+from llamahome.dashboard.server import bind_socket
+from llamahome.net import url_of
 sock = bind_socket("127.0.0.1", 0)
 print(url_of(sock), flush=True)
 uvicorn.Server(uvicorn.Config(build_app(Path(sys.argv[1])), log_level="warning")).run(sockets=[sock])

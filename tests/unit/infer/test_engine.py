@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import unittest.mock
 
 import flax.linen as nn
 import jax
@@ -145,6 +146,26 @@ def test_a_new_prompt_length_in_a_bucket_does_not_recompile(small_engine):
     assert engine_lib._decode._cache_size() == decodes
     assert [engine_lib.prefill_bucket(n, MAX_LEN) for n in (1, 16, 17, 33, 60)] == \
         [16, 16, 32, 64, 64]
+
+
+def test_waiting_prompts_of_a_bucket_prefill_in_one_call(params, prompts):
+    core = engine_lib.EngineCore(CONFIG, params, max_batch=4, max_seq_len=MAX_LEN)
+    requests = [engine_lib.Request(tuple(p), 6) for p in prompts[6:9]]  # 21-27 tokens: bucket 32
+    with unittest.mock.patch.object(core, "_prefill", wraps=core._prefill) as prefill:
+        first = core.admit_many(requests)
+        calls = prefill.call_count
+    assert calls == 1 and [slot for slot, _ in first] == [0, 1, 2]
+    tokens = {slot: [event.token_id] for slot, event in first}
+    while core.active_slots():
+        for slot, event in core.step():
+            tokens[slot].append(event.token_id)
+    assert [tokens[slot] for slot in range(3)] == [
+        run_alone_core(params, r) for r in requests]
+
+
+def run_alone_core(params, request) -> list[int]:
+    return generate(params, CONFIG, [list(request.prompt)],
+                    max_new_tokens=request.max_tokens).tokens[0]
 
 
 def wait_until(condition, timeout=60.0):

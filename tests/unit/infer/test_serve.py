@@ -53,12 +53,19 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(str(folder))
 
 
+class Listened:
+    """Hands what the fake engine puts to a submit's `listener`, as the Engine does."""
+
+    def __init__(self, listener: Callable[[object], None]):
+        self.put = listener
+
+
 class FakeHandle:
     def __init__(self, engine: FakeEngine, tokens: list[int], max_tokens: int,
-                 stop_ids: Sequence[int]):
+                 stop_ids: Sequence[int], listener: Callable[[object], None] | None = None):
         self.engine, self.tokens, self.max_tokens = engine, tokens, max_tokens
         self.stop_ids, self.sent = set(stop_ids), 0
-        self.events: queue.Queue = queue.Queue()
+        self.events = queue.Queue() if listener is None else Listened(listener)
         self.cancelled_at: int | None = None
 
     def __iter__(self):
@@ -83,11 +90,12 @@ class FakeEngine:
         threading.Thread(target=self._loop, daemon=True).start()
 
     def submit(self, prompt_ids, max_tokens, *, temperature=0.0, top_p=1.0, seed=None,
-               stop_ids=(), logprobs=False):
+               stop_ids=(), logprobs=False, listener=None):
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull("queue full")
-            handle = FakeHandle(self, self.script(list(prompt_ids)), max_tokens, stop_ids)
+            handle = FakeHandle(self, self.script(list(prompt_ids)), max_tokens, stop_ids,
+                                listener)
             self.submitted.append(dict(prompt_ids=list(prompt_ids), max_tokens=max_tokens,
                                        temperature=temperature, top_p=top_p, seed=seed,
                                        logprobs=logprobs, handle=handle))
