@@ -5,7 +5,6 @@ bit-identical losses; a resume on other base weights and bad LoRA settings exit 
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,11 @@ from llamahome.model import params_io
 from llamahome.model.checkpoints import load_params_for
 from llamahome.model.llama import LlamaConfig, architecture_gin, init_params
 from tests.conftest import REPO, tiny_train_command, write_word_corpus
-from tests.integration.test_train_job import start, steps_on_disk, train_losses, wait_for
+from tests.integration.test_train_job import (
+    sigkill_at_step_then_rerun,
+    steps_on_disk,
+    train_losses,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -83,14 +86,8 @@ def test_steps_hold_the_adapters_and_the_base_digest(workdir, straight):
 
 def test_sigkill_then_restart_gives_bit_identical_losses(workdir, straight):
     run_dir = workdir / "killed"
-    cmd = command(workdir, run_dir)
-    proc = start(cmd)
-    wait_for(lambda: (run_dir / "checkpoints" / "10").is_dir(), proc)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert max(steps_on_disk(run_dir)) == 10
-    run(cmd)
-    resumed, reference = train_losses(run_dir), straight[1]
+    resumed = sigkill_at_step_then_rerun(command(workdir, run_dir), run_dir, 10, run)
+    reference = straight[1]
     assert [resumed[s] for s in (11, 12)] == [reference[s] for s in (11, 12)]  # bit for bit
 
 

@@ -62,6 +62,18 @@ def steps_on_disk(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
 
 
+def sigkill_at_step_then_rerun(cmd: list[str], run_dir: Path, step: int, rerun) -> dict[int, float]:
+    """Starts `cmd`, SIGKILLs it once checkpoint `step` is on disk, runs it again with `rerun`;
+    the losses of the run dir after the restart."""
+    proc = start(cmd)
+    wait_for(lambda: (run_dir / "checkpoints" / str(step)).is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert max(steps_on_disk(run_dir)) == step
+    rerun(cmd)
+    return train_losses(run_dir)
+
+
 def partial_writes(run_dir: Path) -> list[str]:
     ckpts = run_dir / "checkpoints"
     return [p.name for p in ckpts.iterdir() if "tmp" in p.name] if ckpts.exists() else []
@@ -78,14 +90,7 @@ def straight(workdir):
 
 def test_sigkill_then_restart_gives_bit_identical_losses(workdir, straight):
     run_dir = workdir / "killed"
-    cmd = command(workdir, run_dir)
-    proc = start(cmd)
-    wait_for(lambda: (run_dir / "checkpoints" / "10").is_dir(), proc)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert max(steps_on_disk(run_dir)) == 10
-    run(cmd)
-    resumed = train_losses(run_dir)
+    resumed = sigkill_at_step_then_rerun(command(workdir, run_dir), run_dir, 10, run)
     assert [resumed[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]  # bit for bit
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
 
