@@ -3,10 +3,18 @@
     python benchmarks/train_step.py                       # d256x4 and d512x8, f32 and bf16
     python benchmarks/train_step.py --config d512x8 --dtype bfloat16
     python benchmarks/train_step.py --preset llama3_2_1b --seq 2048 --batch 4 --dtype bfloat16
+    python benchmarks/train_step.py --config moe_d256x4 --dtype float32   # Mixtral-shaped MoE
 
 The step is the train job's (AdamW, global-norm clipping, f32 loss), compiled once over all
 devices with the FSDP rules. Times are the median of `--steps` steps after `--warmup`. MFU is
 against the measured matmul peak on CPU (benchmarks/peak.py) and the datasheet peak elsewhere.
+A mixture of experts (`moe_*`, or a preset with num_experts) counts FLOPs on its active
+parameters (the top-k experts per token) and also reports its router's load-balancing loss
+(unweighted: k for a perfectly balanced router) and the fraction of token-to-expert
+assignments dropped over capacity, measured by a forward pass of the final params on the
+benchmark batch. `--expert_capacity c` sets LlamaConfig.expert_capacity (each expert takes at
+most c * k * T / E tokens of a sequence); without it the dispatch is dense and dropless
+(all E experts compute every token, E / k times the active FLOPs).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import jax
 import numpy as np
 
 from llamahome.config import gin_config
-from llamahome.model.llama import Llama, LlamaConfig, param_logical_axes, param_shapes
+from llamahome.model.llama import MOE_STATS, Llama, LlamaConfig, param_logical_axes, param_shapes
 from llamahome.model.llama import init_params as model_init_params
 from llamahome.monitor import measured_matmul_flops, peak_flops
 from llamahome.parallel.mesh import axis_rules, batch_sharding, build_mesh, global_batch, init_sharded
@@ -40,6 +48,10 @@ CONFIGS = {
                    intermediate_size=688, seq=256, batch=8),
     "d512x8": dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
                    intermediate_size=1376, seq=512, batch=4),
+    # d256x4's shape with Mixtral's MLP: 8 SwiGLU experts of d256x4's MLP size, top 2.
+    "moe_d256x4": dict(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4,
+                       num_kv_heads=2, intermediate_size=688, num_experts=8,
+                       num_experts_per_token=2, router_aux_loss_coef=0.02, seq=256, batch=8),
 }
 RENAMED = {"small": "d256x4", "medium": "d512x8"}
 
@@ -76,9 +88,7 @@ def build(config: LlamaConfig, seq: int, batch: int, preset: str = "fsdp",
     state = init_sharded(lambda k: init_train_state(model_init_params(config, k), optimizer, 0),
                                   shardings, jax.random.key(0))
     batch_layout = batch_sharding(mesh, rules)
-    model = Llama(config)
-    apply_fn = lambda p, x, pos, seg: model.apply(  # noqa: E731
-        {"params": p}, x, pos, seg, return_hidden=True)
+    apply_fn = step_lib.hidden_apply_fn(Llama(config))  # the train job's (+ router loss)
     start = time.perf_counter()
     step = step_lib.compile_train_step(abstract, shardings, step_lib.abstract_batch(batch, seq, batch_layout),
                                    mesh, rules, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule,
@@ -112,7 +122,22 @@ def bench(config: LlamaConfig, seq: int, batch: int, steps: int, warmup: int, pr
             "flops_per_token": config.flops_per_token(seq), "compile_s": compile_s,
             "peak_memory_bytes": peak_memory_bytes(), "loss": float(metrics["loss"]),
             "temp_bytes": step.memory_analysis().temp_size_in_bytes,
-            "step_times_s": times}
+            "step_times_s": times, **_moe_figures(config, state.params, data, metrics)}
+
+
+def _moe_figures(config: LlamaConfig, params, data: dict, metrics: dict) -> dict:
+    """A mixture of experts' router figures (see the module doc); {} for a dense model."""
+    if not config.num_experts:
+        return {}
+    _, sown = jax.jit(lambda p: Llama(config).apply(
+        {"params": p}, data["inputs"], data["positions"], data["segment_ids"],
+        return_hidden=True, mutable=[MOE_STATS]))(params)
+    dropped = float(sum(jax.tree.leaves(sown[MOE_STATS])))
+    return {"num_experts": config.num_experts, "experts_per_token": config.num_experts_per_token,
+            "expert_capacity": config.expert_capacity,
+            "active_params": config.num_matmul_params(), "total_params": config.num_params(),
+            "router_aux_loss": float(metrics["router_aux_loss"]) / config.router_aux_loss_coef,
+            "dropped_token_fraction": dropped}
 
 
 def main() -> None:
@@ -128,6 +153,8 @@ def main() -> None:
     parser.add_argument("--attention", default=None, help="attention_impl (xla | dot_product)")
     parser.add_argument("--scan_layers", type=int, default=0)
     parser.add_argument("--rules", default="fsdp", help="axis_rules preset")
+    parser.add_argument("--expert_capacity", type=float, default=None,
+                        help="a mixture of experts' capacity factor (default: dropless)")
     parser.add_argument("--loss_chunk_length", type=int, default=0,
                         help="positions per block of the fused head + loss (0: whole sequence)")
     args = parser.parse_args()
@@ -138,7 +165,8 @@ def main() -> None:
         gin_config.parse_config([f"models/{args.preset}.gin"])
         runs = [(args.preset, LlamaConfig(), args.seq or 2048, args.batch or 4)]
     else:
-        for name in CONFIGS if args.config == "all" else [args.config]:
+        dense = [n for n in CONFIGS if not n.startswith("moe_")]  # "all": the dense ones
+        for name in dense if args.config == "all" else [args.config]:
             config, seq, batch = named_config(name)
             runs.append((name, config, args.seq or seq, args.batch or batch))
     for name, base, seq, batch in runs:
@@ -147,6 +175,8 @@ def main() -> None:
                              max_seq_len=max(seq, base.max_seq_len))
             if args.attention:
                 overrides["attention_impl"] = args.attention
+            if args.expert_capacity:
+                overrides["expert_capacity"] = args.expert_capacity
             config = base.replace(**overrides)
             result = bench(config, seq, batch, args.steps, args.warmup, args.rules,
                            args.loss_chunk_length)

@@ -14,7 +14,9 @@ playground, infer/generator.py) through `EngineCore`, the same slots driven sync
 How it works. The engine holds `max_batch` slots and one preallocated KV cache whose row s
 (per layer [max_batch, max_seq_len, kv_heads, head_dim]) belongs to slot s, with its own
 length (`KVCache.index` is one per row). A slot's row holds its sequence from slot 0, right-
-padded, so a token's cache slot is its position.
+padded, so a token's cache slot is its position. A sliding-window model (Mistral) keeps a ring
+of `sliding_window` slots per row instead (position p in slot p % W, model/kv_cache.py): the
+prefill runs on a plain cache and moves each prompt's latest W keys into its ring.
 - prefill (jit, one per prompt bucket and row count): runs the waiting prompts of one bucket
   together, each right-padded to the bucket (a power of two >= 16, at most max_seq_len, so a
   new prompt length reuses a compiled prefill), their count padded to a power of two (at
@@ -73,7 +75,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llamahome.errors import ConfigError, UserError
 from llamahome.infer.samplers import SamplerConfig, row_settings, sample_rows, sampler_settings
-from llamahome.model.kv_cache import KVCache
+from llamahome.model.kv_cache import KVCache, to_ring
 from llamahome.model.llama import Llama, LlamaConfig, init_cache, unstack_layers
 from llamahome.model.lora import LoraConfig
 from llamahome.parallel.mesh import Rules
@@ -227,7 +229,8 @@ def _draw(logits, seeds, counts, sampling, seen, outputs: _Outputs):
 def _init_slots(*, model: _Model, batch: int, max_len: int) -> Slots:
     c = model.config
     rows = jnp.zeros((batch,), jnp.int32)
-    slots = Slots(cache=init_cache(c, batch, max_len, per_row=True), last=rows, count=rows,
+    slots = Slots(cache=init_cache(c, batch, max_len, per_row=True, rolling=True),
+                  last=rows, count=rows,
                   seed=rows.astype(jnp.uint32), seen=jnp.zeros((batch, c.vocab_size), bool),
                   sampling={name: jnp.full((batch,), value, _dtype(name))
                             for name, value in _OFF.items()})
@@ -253,10 +256,14 @@ def _prefill(params, adapters, slots: Slots, slot, tokens, length, seed, samplin
     def put(whole, part):  # part [k, <= whole's length, ...] into rows `slot` of whole [B, ...]
         return whole.at[slot, :part.shape[1]].set(part.astype(whole.dtype), mode="drop")
     max_len = slots.cache.max_len
+    if c.sliding_window is not None:  # a rolling cache (kv_cache.py): the latest max_len slots
+        rows = to_ring(rows, length, max_len)
+        kv_segments = rows.segment_ids
+    else:
+        kv_segments = jnp.pad(segment_ids, ((0, 0), (0, max_len - bucket)))
     cache = KVCache(k=tuple(map(put, slots.cache.k, rows.k)),
                     v=tuple(map(put, slots.cache.v, rows.v)),
-                    segment_ids=put(slots.cache.segment_ids,
-                                    jnp.pad(segment_ids, ((0, 0), (0, max_len - bucket)))),
+                    segment_ids=put(slots.cache.segment_ids, kv_segments),
                     index=slots.cache.index.at[slot].set(length, mode="drop"))
     slots = Slots(cache=cache, last=slots.last.at[slot].set(token, mode="drop"),
                   count=slots.count.at[slot].set(1, mode="drop"),
@@ -282,6 +289,16 @@ def _decode(params, adapters, slots: Slots, active, *, model: _Model, outputs: _
     seen = slots.seen.at[jnp.arange(batch), token].max(active)
     slots = slots.replace(cache=cache, last=token, count=slots.count + active, seen=seen)
     return _constrain(slots, _slot_axes(model.config), model.rules), token, extras
+
+
+def abstract_decode(config: LlamaConfig, rules: Rules | None, batch: int, max_len: int):
+    """The decode step as `plan` compiles it ahead of time, without weights: (the jitted step,
+    its static arguments for a greedy batch without adapters, the slots' abstract shapes, their
+    logical axes). Call it under the mesh the step is planned for (`jax.sharding.set_mesh`)."""
+    model = _Model(config, None, None if rules is None else tuple(rules))
+    slots = jax.eval_shape(functools.partial(_init_slots, model=model, batch=batch,
+                                             max_len=max_len))
+    return _decode, {"model": model, "outputs": _Outputs((), False)}, slots, _slot_axes(config)
 
 
 def _unstacked(tree: dict | None) -> dict | None:

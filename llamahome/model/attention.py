@@ -109,20 +109,26 @@ def get_attention(name: str) -> AttentionFn:
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-                   q_offset: jax.Array | int = 0) -> jax.Array:
+                   q_offset: jax.Array | int = 0, window: int | None = None,
+                   kv_slots: jax.Array | None = None) -> jax.Array:
     """[B, 1, T, S] bool: causal by slot, same segment, and the key is not padding (segment 0).
 
     Query t sits at slot q_offset + t of the key sequence (q_offset > 0 when decoding into a
     KV cache; [] for the whole batch or [B], one per row); it may attend key slot
     s <= q_offset + t whose segment id equals its own.
+    `window` W (sliding-window attention, Mistral): only keys with s > q_offset + t - W, as
+    HF's `sliding_window_overlay`. `kv_slots` [S] or [B, S]: the slot each key holds when
+    that is not its index (a ring cache, kv_cache.py); default 0 .. S - 1.
     A padding query (segment 0) attends only its own slot, so no row is empty: an all-masked
     row would make implementations disagree (cuDNN's gradient through such rows differs from
     XLA's), while this one is the same everywhere and padding still never reaches a real token.
     """
     q_len, kv_len = q_segment_ids.shape[1], kv_segment_ids.shape[1]
     q_slots = jnp.reshape(q_offset, (-1, 1, 1)) + jnp.arange(q_len)[:, None]  # [1 | B, T, 1]
-    kv_slots = jnp.arange(kv_len)
+    kv_slots = jnp.arange(kv_len) if kv_slots is None else jnp.expand_dims(kv_slots, -2)
     causal = kv_slots <= q_slots  # [1 | B, T, S]
+    if window is not None:
+        causal &= kv_slots > q_slots - window
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
     valid = (kv_segment_ids != 0)[:, None, :]
     own_slot = (q_segment_ids == 0)[:, :, None] & (kv_slots == q_slots)

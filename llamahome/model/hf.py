@@ -1,4 +1,11 @@
-"""Hugging Face Llama checkpoints <-> LlamaHome params, without torch (safetensors' numpy API).
+"""Hugging Face Llama-family checkpoints <-> LlamaHome params, without torch (safetensors' numpy API).
+
+Families (config.json `model_type`), each a variation of the one decoder (llama.LlamaConfig):
+llama; qwen2 (q/k/v biases: `qkv_bias`); qwen3 (per-head q/k RMSNorm: `qk_norm`); mistral
+(`sliding_window`); mixtral (`num_experts` experts under `block_sparse_moe`, as published and
+as transformers 5 saves them). A config.json of another family, or with an option the decoder
+does not have (attention_bias on Llama, Qwen's per-layer sliding windows, router jitter, an
+unknown rope type, ...), is refused with one line naming the key.
 
     config, params = load_hf_checkpoint("path/to/Llama-3.2-1B")     # a local HF directory
     save_hf_checkpoint("out/hf", config, params)                     # loads in transformers
@@ -36,21 +43,61 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "num_attention_heads")
 
 
+# The config.json model_types that import; `_variation` gives the LlamaConfig fields of each.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral")
+# model_type -> the `architectures` entry written on export.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+                  "mixtral": "MixtralForCausalLM"}
+_REFUSED_OPTIONS = {  # truthy values of these keys have no counterpart in the decoder
+    "llama": ("attention_bias", "mlp_bias"),
+    "qwen2": ("use_sliding_window",),  # per-layer windows (max_window_layers)
+    "qwen3": ("attention_bias", "use_sliding_window"),
+    "mistral": (),
+    "mixtral": ("router_jitter_noise",),
+}
+
+
+def _variation(model_type: str, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The LlamaConfig variation fields of a family's config.json."""
+    if model_type == "qwen2":
+        return {"qkv_bias": True}
+    if model_type == "qwen3":
+        return {"qk_norm": True}
+    if model_type == "mistral":
+        return {"sliding_window": hf_config.get("sliding_window")}
+    if model_type == "mixtral":
+        for key in ("num_local_experts", "num_experts_per_tok"):
+            if key not in hf_config:
+                raise CheckpointError(f"config.json is missing key {key!r}")
+        return {"num_experts": hf_config["num_local_experts"],
+                "num_experts_per_token": hf_config["num_experts_per_tok"],
+                "router_aux_loss_coef": hf_config.get("router_aux_loss_coef", 0.001),
+                "sliding_window": hf_config.get("sliding_window")}
+    return {}
+
+
 def config_from_hf(hf_config: dict[str, Any], name: str = "hf", **overrides: Any) -> LlamaConfig:
     """A LlamaConfig from an HF `config.json` dict; `overrides` set e.g. dtype or param_dtype."""
     model_type = hf_config.get("model_type", "llama")
-    if model_type != "llama":
-        raise CheckpointError(f"config.json model_type {model_type!r} is not supported; only "
-                              "'llama' checkpoints can be imported")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"config.json model_type {model_type!r} is not supported; "
+                              f"supported: {', '.join(FAMILIES)}")
     for key in _REQUIRED_KEYS:
         if key not in hf_config:
             raise CheckpointError(f"config.json is missing key {key!r}")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json hidden_act {hf_config['hidden_act']!r} is not "
-                              "supported; Llama uses 'silu'")
-    for key in ("attention_bias", "mlp_bias"):
+                              f"supported; {model_type} uses 'silu'")
+    for key in _REFUSED_OPTIONS[model_type]:
         if hf_config.get(key):
-            raise CheckpointError(f"config.json {key} = true is not supported (Llama has no biases)")
+            raise CheckpointError(f"config.json {key} = {hf_config[key]!r} is not supported for "
+                                  f"model_type {model_type!r}")
+    layer_types = set(hf_config.get("layer_types") or ["full_attention"])
+    if layer_types - {"full_attention", "sliding_attention"} or (
+            "sliding_attention" in layer_types and model_type not in ("mistral", "mixtral")):
+        raise CheckpointError(f"config.json layer_types {sorted(layer_types)} is not supported "
+                              "(one attention kind for every layer)")
     rope_theta, rope_scaling = _rope_from_hf(hf_config)
     heads = hf_config["num_attention_heads"]
     fields = dict(
@@ -61,7 +108,8 @@ def config_from_hf(hf_config: dict[str, Any], name: str = "hf", **overrides: Any
         head_dim=hf_config.get("head_dim"), rope_theta=rope_theta, rope_scaling=rope_scaling,
         rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        max_seq_len=hf_config.get("max_position_embeddings", 2048))
+        max_seq_len=hf_config.get("max_position_embeddings", 2048),
+        **_variation(model_type, hf_config))
     return LlamaConfig(**{**fields, **overrides})
 
 
@@ -84,13 +132,42 @@ def _rope_from_hf(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | No
     return float(theta), scaling
 
 
+def hf_model_type(config: LlamaConfig) -> str:
+    """The HF family that holds `config`'s variations; CheckpointError for a mix none holds."""
+    c = config
+    kinds = [kind for kind, on in (("mixtral", c.num_experts), ("qwen3", c.qk_norm),
+                                   ("qwen2", c.qkv_bias)) if on]
+    if len(kinds) > 1 or (kinds and c.sliding_window is not None and kinds != ["mixtral"]):
+        raise CheckpointError(
+            f"no Hugging Face family has this mix of variations (num_experts={c.num_experts}, "
+            f"qk_norm={c.qk_norm}, qkv_bias={c.qkv_bias}, sliding_window={c.sliding_window}); "
+            "it cannot be exported")
+    if kinds:
+        return kinds[0]
+    return "mistral" if c.sliding_window is not None else "llama"
+
+
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
     """The HF `config.json` dict of a LlamaConfig (readable by transformers 4 and 5)."""
     rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling:
         rope_parameters.update(config.rope_scaling)
+    model_type = hf_model_type(config)
+    family = {
+        "llama": {"attention_bias": False, "mlp_bias": False},
+        "qwen2": {"use_sliding_window": False, "sliding_window": None,
+                  "max_window_layers": config.num_layers},
+        "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                  "max_window_layers": config.num_layers},
+        "mistral": {"sliding_window": config.sliding_window},
+        "mixtral": {"sliding_window": config.sliding_window,
+                    "num_local_experts": config.num_experts,
+                    "num_experts_per_tok": config.num_experts_per_token,
+                    "router_aux_loss_coef": config.router_aux_loss_coef,
+                    "router_jitter_noise": 0.0, "output_router_logits": False},
+    }[model_type]
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, **family,
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
@@ -98,16 +175,18 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.rms_norm_eps, "tie_word_embeddings": config.tie_embeddings,
         "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
-        "rope_parameters": rope_parameters, "attention_bias": False, "mlp_bias": False,
+        "rope_parameters": rope_parameters,
         "torch_dtype": config.param_dtype, "use_cache": True,
     }
 
 
-# HF name of each layer tensor -> (our path under params["layers"], HF -> ours, ours -> HF).
-def _layer_tensors(c: LlamaConfig) -> dict[str, tuple[tuple[str, str], Callable, Callable]]:
+# HF name of each layer tensor -> (our path under params["layers"], expert index or None,
+# HF -> ours, ours -> HF). An expert's tensor is one slice of our [layers, experts, ...] array.
+def _layer_tensors(c: LlamaConfig
+                   ) -> dict[str, tuple[tuple[str, ...], int | None, Callable, Callable]]:
     d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     same = (lambda w: w, lambda w: w)
-    return {
+    attention = {
         "self_attn.q_proj.weight": (("attention", "q_proj"), lambda w: w.T.reshape(d, n, h),
                                     lambda w: w.reshape(d, n * h).T),
         "self_attn.k_proj.weight": (("attention", "k_proj"), lambda w: w.T.reshape(d, k, h),
@@ -116,18 +195,39 @@ def _layer_tensors(c: LlamaConfig) -> dict[str, tuple[tuple[str, str], Callable,
                                     lambda w: w.reshape(d, k * h).T),
         "self_attn.o_proj.weight": (("attention", "o_proj"), lambda w: w.T.reshape(n, h, d),
                                     lambda w: w.reshape(n * h, d).T),
-        "mlp.gate_proj.weight": (("mlp", "gate_proj"), np.transpose, np.transpose),
-        "mlp.up_proj.weight": (("mlp", "up_proj"), np.transpose, np.transpose),
-        "mlp.down_proj.weight": (("mlp", "down_proj"), np.transpose, np.transpose),
         "input_layernorm.weight": (("attention_norm", "scale"), *same),
         "post_attention_layernorm.weight": (("mlp_norm", "scale"), *same),
     }
+    if c.qkv_bias:
+        for proj, heads in (("q", n), ("k", k), ("v", k)):
+            attention[f"self_attn.{proj}_proj.bias"] = (
+                ("attention", f"{proj}_bias"), lambda w, m=heads: w.reshape(m, h),
+                lambda w, m=heads: w.reshape(m * h))
+    if c.qk_norm:
+        attention.update({"self_attn.q_norm.weight": (("attention", "q_norm", "scale"), *same),
+                          "self_attn.k_norm.weight": (("attention", "k_norm", "scale"), *same)})
+    tensors = {key: (path, None, *convert) for key, (path, *convert) in attention.items()}
+    if not c.num_experts:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            tensors[f"mlp.{proj}.weight"] = (("mlp", proj), None, np.transpose, np.transpose)
+        return tensors
+    # Mixtral: w1 = gate, w3 = up, w2 = down, each [out, in] per expert; the router is `gate`.
+    tensors["block_sparse_moe.gate.weight"] = (("mlp", "router"), None, np.transpose,
+                                               np.transpose)
+    for j in range(c.num_experts):
+        for w, proj in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            tensors[f"block_sparse_moe.experts.{j}.{w}.weight"] = (
+                ("mlp", proj), j, np.transpose, np.transpose)
+    return tensors
 
 
-def layer_paths(c: LlamaConfig) -> dict[str, tuple[str, str]]:
+def layer_paths(c: LlamaConfig) -> dict[str, tuple[str, ...]]:
     """HF module name inside `model.layers.{i}` (e.g. `self_attn.q_proj`) -> our path under
-    params["layers"] (e.g. ("attention", "q_proj")); PEFT adapters name the same modules."""
-    return {key.removesuffix(".weight"): path for key, (path, _, _) in _layer_tensors(c).items()}
+    params["layers"] (e.g. ("attention", "q_proj")); PEFT adapters name the same modules.
+    Experts (one slice each of a stacked weight) and biases are not listed."""
+    return {key.removesuffix(".weight"): path
+            for key, (path, expert, _, _) in _layer_tensors(c).items()
+            if expert is None and key.endswith(".weight")}
 
 
 def hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -135,9 +235,21 @@ def hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     layer = {"self_attn.q_proj.weight": (n * h, d), "self_attn.k_proj.weight": (k * h, d),
              "self_attn.v_proj.weight": (k * h, d), "self_attn.o_proj.weight": (d, n * h),
-             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
-             "mlp.down_proj.weight": (d, f), "input_layernorm.weight": (d,),
-             "post_attention_layernorm.weight": (d,)}
+             "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
+    mlp = {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    if c.num_experts:
+        layer["block_sparse_moe.gate.weight"] = (c.num_experts, d)
+        for j in range(c.num_experts):
+            layer.update({f"block_sparse_moe.experts.{j}.{w}.weight": mlp[proj]
+                          for w, proj in (("w1", "gate_proj"), ("w3", "up_proj"),
+                                          ("w2", "down_proj"))})
+    else:
+        layer.update({f"mlp.{proj}.weight": shape for proj, shape in mlp.items()})
+    if c.qkv_bias:
+        layer.update({"self_attn.q_proj.bias": (n * h,), "self_attn.k_proj.bias": (k * h,),
+                      "self_attn.v_proj.bias": (k * h,)})
+    if c.qk_norm:
+        layer.update({"self_attn.q_norm.weight": (h,), "self_attn.k_norm.weight": (h,)})
     shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
     for i in range(c.num_layers):
         shapes.update({f"model.layers.{i}.{key}": shape for key, shape in layer.items()})
@@ -231,7 +343,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
     unexpected = sorted(n for n in present - set(expected) if not n.endswith(_IGNORED_SUFFIXES)
                         and not (config.tie_embeddings and n == "lm_head.weight"))
     if unexpected:
-        raise CheckpointError(f"{hf_dir} holds tensors a Llama of this config.json does not have: "
+        raise CheckpointError(f"{hf_dir} holds tensors a model of this config.json does not have: "
                               f"{', '.join(unexpected[:5])}")
 
     dtype = config.params_dtype
@@ -243,11 +355,18 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
                                   f"expected {expected[name]} from config.json")
         return tensor
 
-    layers: dict[str, dict[str, np.ndarray]] = {}
-    for key, ((module, param), to_ours, _) in _layer_tensors(config).items():
-        stacked = np.stack([to_ours(read(f"model.layers.{i}.{key}"))
-                            for i in range(config.num_layers)])
-        layers.setdefault(module, {})[param] = stacked.astype(dtype)
+    by_path: dict[tuple[str, ...], dict[int | None, np.ndarray]] = {}
+    for key, (path, expert, to_ours, _) in _layer_tensors(config).items():
+        by_path.setdefault(path, {})[expert] = np.stack(
+            [to_ours(read(f"model.layers.{i}.{key}")).astype(dtype)
+             for i in range(config.num_layers)])
+    layers: dict[str, Any] = {}
+    for path, parts in by_path.items():  # [L, ...], or experts stacked into [L, E, ...]
+        stacked = parts[None] if None in parts else np.stack([parts[j] for j in sorted(parts)], 1)
+        node = layers
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = stacked
     params = {"embedding": read("model.embed_tokens.weight").astype(dtype),
               "layers": layers,
               "final_norm": {"scale": read("model.norm.weight").astype(dtype)}}
@@ -268,10 +387,14 @@ def hf_tensors(config: LlamaConfig, params: dict, dtype: Any = None) -> dict[str
 
     tensors = {"model.embed_tokens.weight": host(params["embedding"]),
                "model.norm.weight": host(params["final_norm"]["scale"])}
-    for key, ((module, param), _, to_hf) in _layer_tensors(config).items():
-        stacked = np.asarray(params["layers"][module][param])
+    for key, (path, expert, _, to_hf) in _layer_tensors(config).items():
+        stacked = params["layers"]
+        for name in path:
+            stacked = stacked[name]
+        stacked = np.asarray(stacked)
         for i in range(config.num_layers):
-            tensors[f"model.layers.{i}.{key}"] = host(to_hf(stacked[i]))
+            w = stacked[i] if expert is None else stacked[i, expert]
+            tensors[f"model.layers.{i}.{key}"] = host(to_hf(w))
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = host(np.asarray(params["lm_head"]).T)
     return tensors

@@ -27,6 +27,17 @@ keep decoding, and a decode step writes each row at its own length.
 
 index + T must stay <= max_len: writes past the end are clamped by `lax.dynamic_update_slice`,
 so the caller sizes max_len for prompt plus new tokens.
+
+Sliding-window models (LlamaConfig.sliding_window = W, Mistral) treat the cache as a ring of
+S = max_len slots: the token at slot a (its position, counting from the row's first) is
+written to ring slot a % S (`write_ring`), and after a call ends at slot `index` ring slot r
+holds slot `ring_slots(index, S)[r]` = the latest a < index with a % S == r (negative: none
+yet). A query at slot q attends the ring slots holding a with q - W < a <= q. A cache that
+never wraps (index + T <= S) is exactly the linear cache above; one that wraps stays correct
+while S >= W + T - 1 (the T keys written in one call must not overwrite a key an earlier query
+of the same call still sees): a ring of S = W slots (`init_cache(..., rolling=True)`) takes one
+token per call, i.e. decoding, and is filled from a prefill into a plain cache by `to_ring`.
+Memory: W slots per row instead of prompt + new tokens (Mistral 7B: 4096 instead of 32768).
 """
 
 from __future__ import annotations
@@ -70,3 +81,46 @@ def write_slots(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Arra
         return jax.lax.dynamic_update_slice(cached, new, (0, index, *zeros))
     return jax.vmap(lambda row, update, i: jax.lax.dynamic_update_slice(row, update, (i, *zeros))
                     )(cached, new, index)
+
+
+def _ring_write_slots(index: jax.Array, length: int, size: int) -> jax.Array:
+    """Ring slots [T] (shared index) or [B, T] (per row) of slots index .. index + T - 1."""
+    return (jnp.expand_dims(index, -1) + jnp.arange(length)) % size
+
+
+def write_ring(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`cached` [B, S, ...] with `new` [B, T, ...] (T <= S) written at ring slots
+    (index + t) % S of each row; `index` [] or [B]. The scatter is in place when donated."""
+    length, size = new.shape[1], cached.shape[1]
+    if length > size:
+        raise ValueError(f"{length} tokens in one call overflow a ring cache of {size} slots; "
+                         "prefill into a plain cache and convert it with to_ring")
+    new = new.astype(cached.dtype)
+    slots = _ring_write_slots(index, length, size)
+    if jnp.ndim(index) == 0:
+        return cached.at[:, slots].set(new, unique_indices=True)
+    return jax.vmap(lambda row, update, s: row.at[s].set(update, unique_indices=True))(
+        cached, new, slots)
+
+
+def ring_slots(index: jax.Array, size: int) -> jax.Array:
+    """The slot (position) each of `size` ring slots holds once slots < `index` are written:
+    [S] for a shared index [], [B, S] for [B]; negative where nothing is written yet."""
+    last = jnp.expand_dims(index, -1) - 1
+    return last - (last - jnp.arange(size)) % size
+
+
+def to_ring(cache: KVCache, length: jax.Array, size: int) -> KVCache:
+    """A ring of `size` slots holding each row's latest slots < length[b] of a linear cache
+    (a prefill's, rows [B] with `length` [B] tokens written): ring slot r gets the slot
+    `ring_slots(length, size)[r]`, empty (zeros, segment 0) where that is negative."""
+    source = ring_slots(length, size)  # [B, size]
+    present = source >= 0
+    take = jnp.maximum(source, 0)
+
+    def gather(x):  # [B, S_in, ...] -> [B, size, ...]
+        rows = jnp.take_along_axis(x, take.reshape(*take.shape, *(1,) * (x.ndim - 2)), axis=1)
+        return jnp.where(present.reshape(*present.shape, *(1,) * (x.ndim - 2)), rows, 0)
+
+    return KVCache(k=tuple(map(gather, cache.k)), v=tuple(map(gather, cache.v)),
+                   segment_ids=gather(cache.segment_ids), index=length)

@@ -30,6 +30,11 @@ Parameter tree: embedding [vocab, embed]; layers/{attention_norm,mlp_norm}/scale
 layers/attention/{q_proj [L, embed, heads, head_dim], k_proj, v_proj [L, embed, kv_heads,
 head_dim], o_proj [L, heads, head_dim, embed]}; layers/mlp/{gate_proj, up_proj [L, embed, mlp],
 down_proj [L, mlp, embed]}; final_norm/scale [embed]; lm_head [embed, vocab] (untied only).
+The variations (LlamaConfig's qkv_bias, qk_norm, sliding_window, num_experts; README "Adding
+an architecture") add layers/attention/{q_bias [L, heads, head_dim], k_bias, v_bias [L,
+kv_heads, head_dim]} (Qwen2), layers/attention/{q_norm,k_norm}/scale [L, head_dim] (Qwen3), and
+replace the MLP by layers/mlp/{router [L, embed, E], gate_proj, up_proj [L, E, embed, mlp],
+down_proj [L, E, mlp, embed]} (Mixtral); a sliding window adds no parameter.
 Any projection may be a `quant.Quantized` leaf (a frozen QLoRA base): it is dequantized where
 it is read, inside the compiled step.
 """
@@ -55,7 +60,7 @@ from llamahome.model import attention as attention_lib
 from llamahome.model import lora as lora_lib
 from llamahome.model import quant
 from llamahome.model.attention import apply_rope, inverse_frequencies, rope_angles
-from llamahome.model.kv_cache import KVCache, write_slots
+from llamahome.model.kv_cache import KVCache, ring_slots, write_ring, write_slots
 from llamahome.model.lora import LoraConfig
 
 # --- The config ---
@@ -64,6 +69,10 @@ from llamahome.model.lora import LoraConfig
 ARCHITECTURE_FIELDS = ("name", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                        "num_heads", "num_kv_heads", "head_dim", "rope_theta", "rope_scaling",
                        "rms_norm_eps", "tie_embeddings", "max_seq_len")
+# The named variations of the decoder (one model, not a copy per family; README "Adding an
+# architecture"), architecture fields too; the experts' fields only when there are experts.
+VARIANT_FIELDS = ("qkv_bias", "qk_norm", "sliding_window", "num_experts")
+EXPERT_FIELDS = ("num_experts_per_token", "router_aux_loss_coef")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -86,6 +95,17 @@ class LlamaConfig:
     remat_policy       a name in llama.REMAT_POLICIES ("none" | "full" | "save_dots" | ...)
     scan_layers        True: the layers are one `lax.scan` (fast compile of deep models);
                        False: the same stacked parameters, unrolled (fastest step time)
+
+    Variations of the Llama decoder (all off: Llama itself):
+    qkv_bias           Qwen2: a bias on the q, k and v projections (not on o_proj)
+    qk_norm            Qwen3: RMSNorm over each head of q and k (own scales), before RoPE
+    sliding_window     Mistral: None, or W: a token attends the W latest positions of its
+                       segment, itself included (HF: kv > q - W); the KV cache becomes a ring
+    num_experts        Mixtral: 0 (a dense SwiGLU MLP), or E > 1 SwiGLU experts per layer, each
+                       token routed to its top `num_experts_per_token` (see `MoeMlp`)
+    router_aux_loss_coef  weight of the experts' load-balancing loss in the training objective
+    expert_capacity    None: dense, dropless dispatch (exact); c > 0: each expert takes at most
+                       c * k * T / E tokens per sequence, the rest are dropped (`MoeMlp`)
     """
 
     name: str = "tiny"
@@ -106,6 +126,13 @@ class LlamaConfig:
     attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    num_experts: int = 0
+    num_experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.001
+    expert_capacity: float | None = None
 
     def __post_init__(self):
         sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -130,6 +157,16 @@ class LlamaConfig:
                                   f"{sorted(DTYPES)}")
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+        if self.sliding_window is not None:
+            self._require("sliding_window", self.sliding_window >= 1, "None or an integer >= 1")
+        if self.num_experts:
+            self._require("num_experts", self.num_experts >= 2, "0 (dense MLP) or >= 2")
+            self._require("num_experts_per_token",
+                          1 <= self.num_experts_per_token <= self.num_experts,
+                          f"between 1 and LlamaConfig.num_experts={self.num_experts}")
+        if self.expert_capacity is not None:
+            self._require("expert_capacity", self.expert_capacity > 0,
+                          "None (dropless) or a capacity factor > 0")
 
     def _require(self, field: str, ok: bool, expected: str) -> None:
         if not ok:
@@ -157,15 +194,22 @@ class LlamaConfig:
         """Number of parameters, counting a tied embedding once."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attention = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attention + 3 * d * f + 2 * d
+        attention += (self.num_heads + 2 * self.num_kv_heads) * hd if self.qkv_bias else 0
+        attention += 2 * hd if self.qk_norm else 0
+        experts = max(self.num_experts, 1)
+        mlp = experts * 3 * d * f + (d * self.num_experts if self.num_experts else 0)
+        layer = attention + mlp + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
 
     def num_matmul_params(self) -> int:
-        """Weights used in matmuls per token: every layer's projections plus the output head."""
+        """Weights used in matmuls per token: every layer's projections plus the output head;
+        a mixture of experts counts the experts a token is routed to (its active parameters)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attention = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        return self.num_layers * (attention + 3 * d * f) + self.vocab_size * d
+        active = self.num_experts_per_token if self.num_experts else 1
+        mlp = active * 3 * d * f + d * self.num_experts
+        return self.num_layers * (attention + mlp) + self.vocab_size * d
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * matmul params + 12 * layers * heads * head_dim * seq_len.
@@ -180,8 +224,8 @@ class LlamaConfig:
 
 def architecture_gin(config: LlamaConfig) -> str:
     """gin bindings of `config`'s architecture fields: a preset file for an imported model."""
-    return "".join(f"LlamaConfig.{field} = {getattr(config, field)!r}\n"
-                   for field in ARCHITECTURE_FIELDS)
+    fields = ARCHITECTURE_FIELDS + VARIANT_FIELDS + (EXPERT_FIELDS if config.num_experts else ())
+    return "".join(f"LlamaConfig.{field} = {getattr(config, field)!r}\n" for field in fields)
 
 
 VOCAB_MULTIPLE = 128  # embedding rows padded to a multiple of this: full-width matmul tiles
@@ -388,6 +432,15 @@ class Attention(nn.Module):
             ("q_proj", (d, n, h), ("embed", "heads", "head_dim")),
             ("k_proj", (d, k, h), ("embed", "kv_heads", "head_dim")),
             ("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))])
+        if c.qkv_bias:  # Qwen2
+            q, key, value = (y + self.param(f"{name}_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, (heads, "head_dim")), (y.shape[2], h),
+                c.params_dtype).astype(y.dtype)
+                for y, name, heads in ((q, "q", "heads"), (key, "k", "kv_heads"),
+                                       (value, "v", "kv_heads")))
+        if c.qk_norm:  # Qwen3: per head, before RoPE
+            q = RMSNorm(c, name="q_norm")(q)
+            key = RMSNorm(c, name="k_norm")(key)
         q = checkpoint_name(q, "query_proj")
         key = checkpoint_name(key, "key_proj")
         value = checkpoint_name(value, "value_proj")
@@ -396,8 +449,9 @@ class Attention(nn.Module):
         value = _constrain(value, "batch", "length", "kv_heads", None)
 
         if layer_cache is not None:  # [B, max_len, kv_heads, head_dim] each
-            key = write_slots(layer_cache[0], key, cache_index)
-            value = write_slots(layer_cache[1], value, cache_index)
+            write = write_slots if c.sliding_window is None else write_ring
+            key = write(layer_cache[0], key, cache_index)
+            value = write(layer_cache[1], value, cache_index)
             layer_cache = (key, value)
 
         out = attention_lib.get_attention(c.attention_impl)(  # [B, T, n, h]
@@ -425,20 +479,120 @@ class Mlp(nn.Module):
         return checkpoint_name(out, "mlp_out")
 
 
-class Block(nn.Module):
-    """One pre-norm decoder layer: x + attention(norm(x)), then + mlp(norm(x))."""
+class MoeMlp(nn.Module):
+    """A sparse mixture of SwiGLU experts (Mixtral, Jiang et al. 2024; HF MixtralSparseMoeBlock).
+
+    The router's softmax over all experts picks each token's top k, whose probabilities are
+    renormalised to sum to 1 and weight those experts' outputs. Two dispatches
+    (`LlamaConfig.expert_capacity`):
+    - None (default), dense and dropless: every expert runs on every token and the unchosen
+      ones get weight 0, so the result is HF's exactly, whatever the routing, at E / k times
+      the expert FLOPs: right for parity, tests and small models on CPU.
+    - a factor c: each expert takes at most C = ceil(c * k * T / E) assignments per sequence
+      (GShard, Lepikhin et al. 2020; Switch Transformer's capacity factor), queued first
+      choices first, then second choices, each in token order; assignments past C are
+      dropped (the token keeps its other experts, and the residual). The experts then compute
+      [E, C] tokens per sequence, c times the active FLOPs, plus the one-hot dispatch and
+      combine einsums ([T, E, C] per sequence, so meant for short sequences or large E).
+    Expert weights carry the logical axis "expert" (sharded by the mesh rules).
+    Returns (out [B, T, d], router stats [3, E] f32 over the `valid` [B, T] tokens: top-k
+    assignments, probability sums, dropped assignments), the inputs of `load_balancing_loss`.
+    """
 
     config: LlamaConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, sin, cos, mask, cache_index, layer_cache):
+    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        d, f, e = c.hidden_size, c.intermediate_size, c.num_experts
+        router = _base_weight(self, "router", (d, e), ("embed", None))
+        probs = jax.nn.softmax(_matmul(x, router).astype(jnp.float32), axis=-1)  # [B, T, E]
+        top, chosen = jax.lax.top_k(probs, c.num_experts_per_token)  # [B, T, k]
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+        picked = jax.nn.one_hot(chosen, e, dtype=jnp.float32)  # [B, T, k, E]
+        gates = jnp.einsum("btk,btke->bte", top, picked).astype(x.dtype)  # 0 off the top k
+        w_gate, w_up, w_down = (_base_weight(self, name, shape, axes) for name, shape, axes in (
+            ("gate_proj", (e, d, f), ("expert", "embed", "mlp")),
+            ("up_proj", (e, d, f), ("expert", "embed", "mlp")),
+            ("down_proj", (e, f, d), ("expert", "mlp", "embed"))))
+        weight = valid.astype(jnp.float32)[..., None]  # [B, T, 1]
+        assigned = jnp.sum(picked, axis=2) * weight  # [B, T, E]
+        if c.expert_capacity is None:
+            gate = jnp.einsum("btd,edf->btef", x, w_gate)  # [B, T, E, f]
+            up = jnp.einsum("btd,edf->btef", x, w_up)
+            hidden = jax.nn.silu(gate) * up * gates[..., None]
+            out = jnp.einsum("btef,efd->btd", hidden, w_down)  # gate-weighted sum over experts
+            dropped = jnp.zeros((e,), jnp.float32)
+        else:
+            dispatch, combine = _capacity_slots(picked * weight[..., None], top,
+                                                c.expert_capacity)  # [B, T, E, C] each
+            expert_in = jnp.einsum("btec,btd->becd", dispatch.astype(x.dtype), x)
+            gate = jnp.einsum("becd,edf->becf", expert_in, w_gate)  # [B, E, C, f]
+            up = jnp.einsum("becd,edf->becf", expert_in, w_up)
+            expert_out = jnp.einsum("becf,efd->becd", jax.nn.silu(gate) * up, w_down)
+            out = jnp.einsum("btec,becd->btd", combine.astype(x.dtype), expert_out)
+            dropped = jnp.sum(assigned, axis=(0, 1)) - jnp.sum(dispatch, axis=(0, 1, 3))
+        stats = jnp.stack([jnp.sum(assigned, axis=(0, 1)), jnp.sum(probs * weight, axis=(0, 1)),
+                           dropped])
+        return checkpoint_name(out, "mlp_out"), stats
+
+
+def _capacity_slots(picked: jax.Array, top: jax.Array, factor: float
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(dispatch, combine) [B, T, E, C] f32 of a capacity-limited dispatch (see MoeMlp).
+
+    picked [B, T, k, E]: one-hot choices (zero rows for padding, which takes no capacity);
+    top [B, T, k]: their weights. dispatch[b, t, e, s] = 1 if token t is expert e's s-th
+    assignment in sequence b; combine is the same weighted by the token's gate for e.
+    """
+    batch, length, k, experts = picked.shape
+    capacity = max(1, math.ceil(factor * k * length / experts))
+    queue = picked.transpose(0, 2, 1, 3).reshape(batch, k * length, experts)  # choice-major
+    position = (jnp.cumsum(queue, axis=1) - 1).reshape(batch, k, length, experts)
+    position = position.transpose(0, 2, 1, 3)  # [B, T, k, E]: place in the expert's queue
+    kept = (picked > 0) & (position < capacity)
+    slots = jax.nn.one_hot(jnp.where(kept, position, -1).astype(jnp.int32), capacity)
+    return jnp.sum(slots, axis=2), jnp.einsum("btk,btkec->btec", top, slots)
+
+
+def load_balancing_loss(stats: jax.Array, rows: jax.Array, num_experts: int) -> jax.Array:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2022, eqs. 4-6), as HF's
+    `load_balancing_loss_func` computes it over all layers at once: E * sum_e f_e * P_e, where
+    f_e is expert e's share of the top-k assignments and P_e its mean router probability,
+    both summed over layers and divided by the layers x tokens `rows`.
+    stats [layers, 3, E] f32 from `MoeMlp`; a balanced router scores k (the top k's count)."""
+    counts, probs = jnp.sum(stats, axis=0)[:2]  # [E] each
+    rows = jnp.maximum(rows.astype(jnp.float32), 1.0)
+    return num_experts * jnp.sum((counts / rows) * (probs / rows))
+
+
+ROUTER_LOSS = "router_aux_loss"  # sown into the "losses" collection, weighted by its coef
+MOE_STATS = "moe_stats"  # collection of the dropped-assignment fraction (apply mutable=[...])
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: x + attention(norm(x)), then + mlp(norm(x)).
+
+    Returns (x, (layer_cache, router stats [3, E] or None for a dense MLP))."""
+
+    config: LlamaConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, sin, cos, mask, valid, cache_index, layer_cache):
         attn_out, layer_cache = Attention(self.config, self.lora, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x), sin, cos, mask, cache_index,
             layer_cache)
         x = x + attn_out
-        x = x + Mlp(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
-        return _constrain(x, "batch", "length", "embed"), layer_cache
+        normed = RMSNorm(self.config, name="mlp_norm")(x)
+        stats = None
+        if self.config.num_experts:
+            mlp_out, stats = MoeMlp(self.config, self.lora, name="mlp")(normed, valid)
+        else:
+            mlp_out = Mlp(self.config, self.lora, name="mlp")(normed)
+        x = x + mlp_out
+        return _constrain(x, "batch", "length", "embed"), (layer_cache, stats)
 
 
 def _layer_stack(config: LlamaConfig, lora: LoraConfig | None = None) -> nn.Module:
@@ -456,7 +610,7 @@ def _layer_stack(config: LlamaConfig, lora: LoraConfig | None = None) -> nn.Modu
                          prevent_cse=not config.scan_layers)
     scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                      in_axes=(nn.broadcast,) * 5 + (0,),
                       length=config.num_layers,
                       unroll=1 if config.scan_layers else config.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -507,8 +661,7 @@ class Llama(nn.Module):
         sin, cos = rope_angles(positions, inverse_frequencies(c.head_dim, c.rope_theta,
                                                               c.rope_scaling))
         if cache is None:
-            mask = attention_lib.attention_mask(segment_ids, segment_ids)
-            x, _ = _layer_stack(c, self.lora)(x, sin, cos, mask, None, None)
+            x = self._whole_sequence_layers(x, sin, cos, segment_ids)
         else:
             x, cache = self._cached_layers(x, sin, cos, segment_ids, cache)
         if logits_at is not None:
@@ -536,6 +689,21 @@ class Llama(nn.Module):
         logits = _constrain(logits, "batch", "length", "vocab")
         return logits if cache is None else (logits, cache)
 
+    def _whole_sequence_layers(self, x, sin, cos, segment_ids):
+        """The scanned layers without a cache (training, evaluation, scoring). A mixture of
+        experts sows its weighted load-balancing loss into "losses" (train/step.py adds it) and
+        the fraction of its top-k assignments dropped over capacity into MOE_STATS."""
+        c = self.config
+        mask = attention_lib.attention_mask(segment_ids, segment_ids, window=c.sliding_window)
+        valid = segment_ids != 0
+        x, (_, stats) = _layer_stack(c, self.lora)(x, sin, cos, mask, valid, None, None)
+        if stats is not None:  # [layers, 3, E]
+            aux = load_balancing_loss(stats, c.num_layers * jnp.sum(valid), c.num_experts)
+            self.sow("losses", ROUTER_LOSS, c.router_aux_loss_coef * aux)
+            self.sow(MOE_STATS, "dropped_fraction",
+                     jnp.sum(stats[:, 2]) / jnp.maximum(jnp.sum(stats[:, 0]), 1.0))
+        return x
+
     def _cached_layers(self, x, sin, cos, segment_ids, cache: KVCache):
         """The layers one after another, each reading and updating its own cache arrays.
 
@@ -544,8 +712,15 @@ class Llama(nn.Module):
         stacked arrays, and XLA:CPU copies every slice, at every decoded token.
         """
         c = self.config
-        kv_segments = write_slots(cache.segment_ids, segment_ids, cache.index)
-        mask = attention_lib.attention_mask(segment_ids, kv_segments, cache.index)
+        if c.sliding_window is None:
+            kv_segments = write_slots(cache.segment_ids, segment_ids, cache.index)
+            mask = attention_lib.attention_mask(segment_ids, kv_segments, cache.index)
+        else:  # a ring: the slot each position lands in, and the position each slot holds
+            kv_segments = write_ring(cache.segment_ids, segment_ids, cache.index)
+            kv_slots = ring_slots(cache.index + x.shape[1], cache.max_len)
+            mask = attention_lib.attention_mask(segment_ids, kv_segments, cache.index,
+                                                window=c.sliding_window, kv_slots=kv_slots)
+        valid = segment_ids != 0
         if self.is_initializing():
             raise ValueError("initialise the parameters without a cache (init_params)")
         layers = _per_layer(self.variables["params"]["layers"])
@@ -553,8 +728,8 @@ class Llama(nn.Module):
         keys, values = [], []
         for i, (layer, k, v) in enumerate(zip(layers, cache.k, cache.v, strict=True)):
             variables = {"params": layer, **({"lora": adapters[i]} if adapters else {})}
-            x, (k, v) = Block(c, self.lora, parent=None).apply(variables, x, sin, cos, mask,
-                                                               cache.index, (k, v))
+            x, ((k, v), _) = Block(c, self.lora, parent=None).apply(
+                variables, x, sin, cos, mask, valid, cache.index, (k, v))
             keys.append(k)
             values.append(v)
         length = x.shape[1]
@@ -593,9 +768,18 @@ def init_params(config: LlamaConfig, rng: jax.Array) -> dict:
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
-               dtype: jnp.dtype | None = None, per_row: bool = False) -> KVCache:
+               dtype: jnp.dtype | None = None, per_row: bool = False,
+               rolling: bool = False) -> KVCache:
     """An empty KV cache (kv_cache.py) for `batch_size` rows of up to `max_len` tokens;
-    `per_row`: each row has its own index (the serving engine's slots)."""
+    `per_row`: each row has its own index (the serving engine's slots).
+
+    `rolling` with a sliding window shorter than max_len: a ring of `sliding_window` slots,
+    enough for calls of one token once it wraps (kv_cache.py: a call of T tokens into a
+    wrapped ring of S slots needs S >= window + T - 1); fill it from a longer prefill's cache
+    with `kv_cache.to_ring`.
+    """
+    if rolling and config.sliding_window is not None:
+        max_len = min(max_len, config.sliding_window)
     shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
     dtype = dtype or config.compute_dtype
     layers = range(config.num_layers)

@@ -126,6 +126,11 @@ def check_fits(lora: LoraConfig, model_config: Any) -> None:
     if "lm_head" in lora.targets and c.tie_embeddings:
         raise ConfigError("LoraConfig.targets names 'lm_head', but this model ties its output "
                           "head to the embedding (LlamaConfig.tie_embeddings=True): drop it")
+    experts = set(lora.targets) & set(MLP_TARGETS)
+    if getattr(c, "num_experts", 0) and experts:
+        raise ConfigError(f"LoraConfig.targets names {sorted(experts)}, but this model's MLP is "
+                          f"a mixture of {c.num_experts} experts, which takes no adapters: "
+                          f"set LoraConfig.targets = {list(ATTENTION_TARGETS)}")
     for name in lora.targets:
         fan_in, fan_out = sizes[name]
         if fan_out and lora.rank > min(fan_in, fan_out):

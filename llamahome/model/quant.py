@@ -233,7 +233,8 @@ def quantize_params(params: Mapping[str, Any], targets: Sequence[str], fmt: str,
 
     `in_dims[name]` is the number of fan-in axes of weight `name` (lora.TARGET_IN_DIMS). Under a
     `layers` mapping the weights are stacked (one leading axis); a `layers` tuple or list holds
-    per-layer trees (`unstack_layers`), quantized one by one with no leading axis.
+    per-layer trees (`unstack_layers`), quantized one by one with no leading axis. A mixture of
+    experts' MLP (a mapping with a `router`) has one more leading axis, its experts.
     """
     check_format(fmt)
     if fmt == "nf4":
@@ -242,6 +243,8 @@ def quantize_params(params: Mapping[str, Any], targets: Sequence[str], fmt: str,
     def walk(node: Any, key: str | None, lead: int) -> Any:
         if isinstance(node, Mapping):
             inner = 1 if key == "layers" else lead
+            if "router" in node:  # a mixture of experts (llama.MoeMlp): [.., experts, in, out]
+                inner += 1
             return {k: walk(value, k, inner) for k, value in node.items()}
         if isinstance(node, tuple | list):
             return type(node)(walk(value, None, lead) for value in node)

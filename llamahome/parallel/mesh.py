@@ -9,6 +9,13 @@ Mesh: axes `data`, `fsdp`, `tensor`, sized in gin (`-1` = all remaining devices)
 `data` replicates parameters and splits the batch; `fsdp` splits the batch and shards
 parameters and optimizer state; `tensor` shards heads and the MLP inside each layer.
 
+Multi-slice (several TPU slices joined by the data-center network, DCN, as MaxText's
+`dcn_data_parallelism`): when the devices come from more than one slice (`device.slice_index`),
+the sizes above describe one slice (its ICI mesh) and `data` is also split across slices:
+the mesh is `create_hybrid_device_mesh(ici=(data, fsdp, tensor), dcn=(slices, 1, 1))`, shaped
+(slices * data, fsdp, tensor), so only the data-parallel gradient reduction crosses the DCN.
+`build_mesh.dcn_data` (default: the number of slices) must equal the slice count.
+
 Rules: the one table that maps the model's axis names onto mesh axes. The model names every
 parameter axis (vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm) and every
 activation axis (batch, length, embed, heads, kv_heads, mlp, vocab). A rule
@@ -70,11 +77,29 @@ def resolve_axis_sizes(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
     return tuple(sizes)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices `devices` span (1 for devices without a `slice_index`, e.g. CPU, GPU)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 @gin.configurable
-def build_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+def build_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, dcn_data: int | None = None,
                devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh('data', 'fsdp', 'tensor') over `devices` (default: all), laid out for the interconnect."""
+    """A Mesh('data', 'fsdp', 'tensor') over `devices` (default: all), laid out for the interconnect.
+
+    Across several slices `data`, `fsdp`, `tensor` size one slice and `data` also spans the
+    `dcn_data` slices (module doc).
+    """
     devices = list(jax.devices() if devices is None else devices)
+    slices = num_slices(devices)
+    if dcn_data is not None and dcn_data != slices:
+        raise ConfigError(f"build_mesh.dcn_data={dcn_data} but the devices span {slices} slice(s); "
+                          "leave it unset (it follows the slices) or run on that many slices")
+    if slices > 1:
+        ici = resolve_axis_sizes((data, fsdp, tensor), len(devices) // slices)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES)
     shape = resolve_axis_sizes((data, fsdp, tensor), len(devices))
     try:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
@@ -95,6 +120,7 @@ DATA_PARALLEL: Rules = (
 )
 FSDP: Rules = (
     ("batch", ("data", "fsdp")),
+    ("expert", "fsdp"),  # a mixture of experts' experts (model/llama.py MoeMlp), before embed
     ("embed", "fsdp"),
     ("lora_rank", None),
 )
@@ -104,6 +130,7 @@ FSDP_TENSOR: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
     ("lora_rank", None),
 )
@@ -130,6 +157,22 @@ def logical_shardings(specs: Any, mesh: Mesh, rules: Rules) -> Any:
     """A tree of PartitionSpecs over logical names -> a tree of NamedShardings on `mesh`."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules)),
                         specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def check_divisible(shapes: Any, shardings: Any, what: str = "parameter") -> None:
+    """ConfigError naming the first leaf of `shapes` (arrays or ShapeDtypeStructs) that a mesh
+    axis of its sharding does not divide evenly (e.g. 4 experts over fsdp=8), instead of JAX's
+    traceback at the first jit."""
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+                                      jax.tree.leaves(shardings)):
+        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % ways:
+                raise ConfigError(
+                    f"{what} {'/'.join(_path_key(path))}: dimension {dim} of size {size} does not "
+                    f"split over mesh axes {'x'.join(axes)} ({ways} ways); choose build_mesh sizes "
+                    "that divide it, or another parallel preset")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

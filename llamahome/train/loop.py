@@ -386,7 +386,8 @@ class StepReporter:
             "loss": values["loss"], "grad_norm": values["grad_norm"],
             "learning_rate": values["learning_rate"], "tokens_per_sec": tokens_per_sec,
             "step_time": step_time, "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
-            "tokens_seen": step * self.tokens_per_step})
+            "tokens_seen": step * self.tokens_per_step,
+            **{k: values[k] for k in ("router_aux_loss",) if k in values}})  # experts (step.py)
 
     def eval(self, step: int, loss: float) -> None:
         if self.writer:

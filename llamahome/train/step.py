@@ -23,6 +23,12 @@ and the frozen base (maybe quantized, model/quant.py) is a third, non-donated ar
 gets no gradient and no optimizer state. `lora_apply_fn` takes it and a dropout key, derived
 from the state's seed and step (so a resumed run draws the same masks).
 
+A mixture-of-experts model (LlamaConfig.num_experts) also returns its router's load-balancing
+loss, already weighted by `router_aux_loss_coef` (model/llama.py): it is added per token to
+the objective (so the mean objective is CE + coef * aux, as HF Mixtral's) and logged as
+metrics["router_aux_loss"] (when the apply fn says `has_router_loss`, as hidden_apply_fn and
+lora_apply_fn do), its token-weighted mean over the microbatches.
+
 Non-finite steps (NaN/Inf loss or gradient norm) leave params and optimizer state unchanged;
 metrics["finite"] tells the loop, which then skips on or stops (train.nan_policy).
 
@@ -64,13 +70,13 @@ from llamahome.model import quant
 from llamahome.model.llama import Llama
 from llamahome.parallel import distributed
 from llamahome.parallel.mesh import (
-    Rules, follow_params, global_batch, logical_shardings, replicated,
+    Rules, check_divisible, follow_params, global_batch, logical_shardings, replicated,
 )
 from llamahome.train.checkpoint import abstract_like
 
 Batch = dict[str, jax.Array]
-# (params, inputs, positions, segment_ids) -> (hidden [B, T, D], head [D, V]); a LoRA run's
-# takes (adapters, inputs, positions, segment_ids, frozen base, dropout key or None).
+# (params, inputs, positions, segment_ids) -> (hidden [B, T, D], head [D, V][, router loss []]);
+# a LoRA run's takes (adapters, inputs, positions, segment_ids, frozen base, dropout key or None).
 ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
                 "segment_ids": jnp.int32, "loss_mask": jnp.float32}
@@ -99,6 +105,7 @@ def state_shardings(params_shape: Any, param_specs: Any, optimizer: optax.Gradie
                     mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
     """(abstract TrainState, its shardings): params by logical name, optimizer state following them."""
     param_shardings = logical_shardings(param_specs, mesh, rules)
+    check_divisible(params_shape, param_shardings)
     abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), params_shape)
     shardings = TrainState(
         step=replicated(mesh), params=param_shardings,
@@ -107,18 +114,29 @@ def state_shardings(params_shape: Any, param_specs: Any, optimizer: optax.Gradie
     return abstract, shardings
 
 
+def _with_router_loss(model: Llama, variables: dict, *args, **kwargs) -> tuple:
+    """(hidden, head), plus the weighted router loss when `model` is a mixture of experts."""
+    if not model.config.num_experts:
+        return model.apply(variables, *args, return_hidden=True, **kwargs)
+    (hidden, head), sown = model.apply(variables, *args, return_hidden=True,
+                                       mutable=["losses"], **kwargs)
+    return hidden, head, sum(jax.tree.leaves(sown["losses"]))
+
+
 def hidden_apply_fn(model: Llama) -> ApplyFn:
     """`model`'s forward pass returning (last hidden states, output head), as the steps take it."""
     def apply(params, inputs, positions, segment_ids):
-        return model.apply({"params": params}, inputs, positions, segment_ids, return_hidden=True)
+        return _with_router_loss(model, {"params": params}, inputs, positions, segment_ids)
+    apply.has_router_loss = bool(model.config.num_experts)
     return apply
 
 
 def lora_apply_fn(model: Llama) -> ApplyFn:
     """The same for a LoRA `model`: adapters trained, `base` frozen, dropout when given a key."""
     def apply(adapters, inputs, positions, segment_ids, base, rng=None):
-        return model.apply({"params": base, "lora": adapters}, inputs, positions, segment_ids,
-                           return_hidden=True, rngs={} if rng is None else {"dropout": rng})
+        return _with_router_loss(model, {"params": base, "lora": adapters}, inputs, positions,
+                                 segment_ids, rngs={} if rng is None else {"dropout": rng})
+    apply.has_router_loss = bool(model.config.num_experts)
     return apply
 
 
@@ -239,11 +257,13 @@ _fused.defvjp(_forward, _backward)
 
 def _loss_sums(params: Any, batch: Batch, extra: tuple, apply_fn: ApplyFn, z_loss: float,
                chunk_length: int):
-    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                            *extra)
+    hidden, head, *router = apply_fn(params, batch["inputs"], batch["positions"],
+                                     batch["segment_ids"], *extra)
     objective, ce = head_cross_entropy(hidden, head, batch["targets"], batch["loss_mask"],
                                        z_loss, chunk_length)
-    return objective, (ce, jnp.sum(batch["loss_mask"].astype(jnp.float32)))
+    count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    router_sum = router[0] * count if router else jnp.float32(0)  # per token, as the CE sums
+    return objective + router_sum, (ce, count, router_sum)
 
 
 def _microbatches(batch: Batch, accum_steps: int) -> Batch:
@@ -257,8 +277,10 @@ def _microbatches(batch: Batch, accum_steps: int) -> Batch:
 
 def loss_and_grads(params: Any, batch: Batch, *, apply_fn: ApplyFn, z_loss: float = 0.0,
                    accum_steps: int = 1, loss_chunk_length: int = 0, frozen: Any = None,
-                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
-    """(CE sum, token count, gradient of the summed loss) over `accum_steps` microbatches.
+                   rng: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
+    """(CE sum, token count, gradient of the summed loss, router-loss sum: 0 without experts)
+    over `accum_steps` microbatches.
 
     With a `frozen` base (LoRA), `apply_fn` also takes it and microbatch i's dropout key,
     `rng` folded with i; the gradient is for `params` only.
@@ -272,20 +294,21 @@ def loss_and_grads(params: Any, batch: Batch, *, apply_fn: ApplyFn, z_loss: floa
         return frozen, None if rng is None else jax.random.fold_in(rng, i)
 
     if accum_steps == 1:
-        grads, (ce, count) = grad_fn(params, batch, extra(0))
-        return ce, count, grads
+        grads, (ce, count, router) = grad_fn(params, batch, extra(0))
+        return ce, count, grads, router
 
     def body(carry, micro_i):
-        ce_acc, count_acc, grads_acc = carry
+        ce_acc, count_acc, grads_acc, router_acc = carry
         micro, i = micro_i
-        grads, (ce, count) = grad_fn(params, micro, extra(i))
-        return (ce_acc + ce, count_acc + count, jax.tree.map(jnp.add, grads_acc, grads)), None
+        grads, (ce, count, router) = grad_fn(params, micro, extra(i))
+        return (ce_acc + ce, count_acc + count, jax.tree.map(jnp.add, grads_acc, grads),
+                router_acc + router), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (ce, count, grads), _ = jax.lax.scan(
-        body, (jnp.float32(0), jnp.float32(0), zeros),
+    (ce, count, grads, router), _ = jax.lax.scan(
+        body, (jnp.float32(0), jnp.float32(0), zeros, jnp.float32(0)),
         (_microbatches(batch, accum_steps), jnp.arange(accum_steps)))
-    return ce, count, grads
+    return ce, count, grads, router
 
 
 def train_step(state: TrainState, batch: Batch, frozen: Any = None, *, apply_fn: ApplyFn,
@@ -296,7 +319,7 @@ def train_step(state: TrainState, batch: Batch, frozen: Any = None, *, apply_fn:
 
     `frozen`: a LoRA run's base (state.params are then its adapters); see the module doc.
     """
-    ce, count, grads = loss_and_grads(
+    ce, count, grads, router = loss_and_grads(
         state.params, batch, apply_fn=apply_fn, z_loss=z_loss, accum_steps=accum_steps,
         loss_chunk_length=loss_chunk_length, frozen=frozen,
         rng=None if frozen is None else dropout_key(state))
@@ -311,6 +334,8 @@ def train_step(state: TrainState, batch: Batch, frozen: Any = None, *, apply_fn:
                               opt_state=keep(new_opt_state, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "tokens": count, "finite": finite}
+    if getattr(apply_fn, "has_router_loss", False):
+        metrics["router_aux_loss"] = router / denom
     return new_state, metrics
 
 
@@ -318,8 +343,8 @@ def eval_step(params: Any, batch: Batch, frozen: Any = None, *,
               apply_fn: ApplyFn) -> dict[str, jax.Array]:
     """Summed CE and token count of one batch (the caller divides after the last batch)."""
     extra = () if frozen is None else (frozen,)
-    hidden, head = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                            *extra)
+    hidden, head, *_ = apply_fn(params, batch["inputs"], batch["positions"],
+                                batch["segment_ids"], *extra)
     logits = jnp.einsum("btd,dv->btv", hidden, head)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     ce, _, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])

@@ -9,9 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llamahome.errors import ConfigError
-from llamahome.parallel.mesh import (axis_rules, batch_sharding, build_mesh, follow_params,
-                                     global_batch, init_sharded, logical_shardings,
-                                     resolve_axis_sizes)
+from llamahome.parallel.mesh import (axis_rules, batch_sharding, build_mesh, check_divisible,
+                                     follow_params, global_batch, init_sharded,
+                                     logical_shardings, resolve_axis_sizes)
 
 
 def test_resolve_axis_sizes():
@@ -87,6 +87,19 @@ def test_optimizer_state_follows_params(eight_devices):
         assert kernel_like.count(P("fsdp", None)) == sharded_leaves, kernel_like
         state = init_sharded(tx.init, state_shardings, init(jax.random.key(0)))
         assert jax.tree.structure(state) == jax.tree.structure(state_shape)
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_one_config_error(eight_devices):
+    """4 experts over fsdp=8 (a MoE's `expert` axis, model/llama.py): one line naming the leaf,
+    not JAX's traceback at the first jit; the same shapes on fsdp=4 pass."""
+    shapes = {"mlp": {"experts": jax.ShapeDtypeStruct((4, 16, 8), jnp.float32)}}
+    specs = {"mlp": {"experts": P("expert", "embed", "mlp")}}
+    check_divisible(shapes, logical_shardings(specs, build_mesh(data=2, fsdp=4, devices=eight_devices),
+                                              axis_rules("fsdp")))
+    mesh = build_mesh(data=1, fsdp=8, devices=eight_devices)
+    with pytest.raises(ConfigError, match=r"^parameter mlp/experts: dimension 0 of size 4 does "
+                                          r"not split over mesh axes fsdp \(8 ways\)"):
+        check_divisible(shapes, logical_shardings(specs, mesh, axis_rules("fsdp")))
 
 
 def test_global_batch_assembles_process_rows(eight_devices):
