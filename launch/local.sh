@@ -14,6 +14,8 @@
 #                                  (sets LLAMAHOME_LOCAL_DEVICE_IDS; leave unset on CPU)
 #   LLAMAHOME_KILL_GRACE_S         seconds between SIGTERM and SIGKILL when one fails (10)
 #   PYTHON                         the interpreter (default: python)
+#   LLAMAHOME_DRY_RUN=1            print what each process would run, with its environment,
+#                                  and start nothing
 # Each process gets LLAMAHOME_COORDINATOR=127.0.0.1:PORT, LLAMAHOME_NUM_PROCESSES=N and its own
 # LLAMAHOME_PROCESS_ID (see llamahome/parallel/distributed.py). Every process prints to this
 # terminal; only process 0 logs below warning level.
@@ -31,6 +33,19 @@ num_processes=$1
 shift
 python=${PYTHON:-python}
 port=${LLAMAHOME_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+
+if [[ "${LLAMAHOME_DRY_RUN:-0}" == 1 ]]; then
+  for ((i = 0; i < num_processes; i++)); do
+    ids=
+    if [[ -n "${LLAMAHOME_DEVICES_PER_PROCESS:-}" ]]; then
+      d=$LLAMAHOME_DEVICES_PER_PROCESS
+      ids=" LLAMAHOME_LOCAL_DEVICE_IDS=$(seq -s, $((i * d)) $((i * d + d - 1)))"
+    fi
+    echo "process $i: env LLAMAHOME_COORDINATOR=127.0.0.1:$port LLAMAHOME_NUM_PROCESSES=$num_processes LLAMAHOME_PROCESS_ID=$i$ids"
+    echo "process $i: $python -m llamahome.launch$(printf ' %q' "$@")"
+  done
+  exit 0
+fi
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do

@@ -97,6 +97,7 @@ class RunDir:
                   lm_eval_samples/       its per-sample logs, <task>.jsonl
                   generations.jsonl      the `generate` job's completions
                   download.json          the `download_model` job's record
+                  plan.json              the `plan` job's compiled plan (llamahome/plan/jobs.py)
     """
 
     LOCK_FILE = ".lock"
@@ -114,6 +115,7 @@ class RunDir:
     LM_EVAL_SAMPLES_DIR = "lm_eval_samples"
     GENERATIONS_FILE = "generations.jsonl"
     DOWNLOAD_FILE = "download.json"
+    PLAN_FILE = "plan.json"
     MARKERS = (STATUS_FILE, METRICS_FILE, CONFIG_FILE)  # any one makes a folder a run dir
 
     def __init__(self, path: str | os.PathLike):
@@ -184,6 +186,10 @@ class RunDir:
     @property
     def download(self) -> Path:
         return self.path / self.DOWNLOAD_FILE
+
+    @property
+    def plan(self) -> Path:
+        return self.path / self.PLAN_FILE
 
 
 # -- atomic writes ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ CASES = {
     "lora": (["benchmarks/lora.py", "--quick"], ["tokens_per_sec", "trainable_state_bytes",
                                                  "trainable_state_ratio", "step_bytes"]),
     "serve": (["benchmarks/serve.py", "--quick"], ["transformers_tokens_per_sec"]),
+    "plan": (["benchmarks/plan.py", "--quick"], ["bytes_per_device", "flops_per_step", "compile_s"]),
 }
 
 
