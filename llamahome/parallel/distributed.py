@@ -66,6 +66,36 @@ def _use_gloo_on_cpu() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show on the PCI bus under Google's vendor id
+
+
+def cpu_only_despite_libtpu() -> bool:
+    """Runs JAX on the CPU on a host where libtpu is installed but there is no TPU and no other
+    accelerator plugin; returns whether it did.
+
+    libtpu comes with the `tpu` and `test` extras, because the `plan` job compiles for TPU
+    topologies on any host (plan/topology.py loads it for that by itself). With it installed
+    and JAX_PLATFORMS unset, JAX's backend start-up probes for a TPU and libtpu prints several
+    lines of errors on a machine that has none; telling JAX "cpu" skips the probe. Nothing
+    changes where JAX_PLATFORMS is set, TPU chips are on the PCI bus, or a GPU plugin is
+    installed (`jax_plugins` entry points), or once JAX's backends have started.
+    """
+    import glob  # noqa: PLC0415
+    import importlib.metadata  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+
+    if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+            or importlib.util.find_spec("libtpu") is None
+            or list(importlib.metadata.entry_points(group="jax_plugins"))):
+        return False
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        with open(vendor) as f:
+            if f.read().strip() == GOOGLE_PCI_VENDOR:
+                return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 @gin.configurable
 def initialize(mode: str = "auto", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
@@ -73,6 +103,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
                heartbeat_timeout_seconds: int = 100, shutdown_timeout_seconds: int = 60) -> bool:
     """Initializes jax.distributed once if this is one process of a pod; returns whether it did."""
     global _initialized
+    cpu_only_despite_libtpu()
     if _initialized or mode == "off":
         return _initialized
     coordinator_address = coordinator_address or os.environ.get("LLAMAHOME_COORDINATOR")

@@ -16,9 +16,11 @@ are given as a grid (`v5p:4x4x12`).
 `compile_devices(topology)` asks libtpu (`pip install -e '.[tpu]'`) for the topology's devices
 through `jax.experimental.topologies`; they compile but cannot run, and nothing claims a TPU:
 the process's own backend stays what JAX_PLATFORMS says (CPU on a CPU host). With libtpu
-installed and JAX_PLATFORMS unset, JAX's backend start-up probes for a TPU, prints a few
-libtpu warnings and falls back to the CPU (no slower: 1.2-1.5 s for `jax.devices()` with or
-without libtpu on the 2-core test host); JAX_PLATFORMS=cpu skips the probe.
+installed and JAX_PLATFORMS unset, JAX's backend start-up would probe for a TPU and libtpu
+print a few errors before falling back to the CPU; every job's start
+(`distributed.cpu_only_despite_libtpu`) tells JAX "cpu" on a host without TPU chips or a GPU
+plugin, so the probe never runs (`jax.devices()` takes 1.2-1.5 s with or without libtpu on
+the 2-core test host).
 
 Per-chip figures (Cloud TPU system architecture pages, 2026-12): HBM 32 GiB (v4), 95 GiB
 (v5p), 16 GiB (v5e), 32 GiB (v6e) (the v5p and v6e pages write "GB"; read here as GiB, which

@@ -1,6 +1,12 @@
 """The watchdog ends a process that stops making progress, and leaves a progressing one alone."""
 
-from llamahome.parallel.distributed import EXIT_NO_PROGRESS
+import glob
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from llamahome.parallel.distributed import EXIT_NO_PROGRESS, GOOGLE_PCI_VENDOR
 
 STALLS = """
 import time
@@ -33,3 +39,23 @@ def test_a_stalled_process_exits_with_a_clear_error(python_runner):
 
 def test_a_progressing_process_is_left_alone(python_runner):
     assert python_runner(["-c", PROGRESSES], timeout=20).returncode == 0
+
+
+LIBTPU_ON_A_CPU_HOST = """
+from llamahome.parallel import distributed
+print(distributed.cpu_only_despite_libtpu())
+import jax
+print(jax.default_backend())
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+@pytest.mark.skipif(any(Path(p).read_text().strip() == GOOGLE_PCI_VENDOR
+                        for p in glob.glob("/sys/bus/pci/devices/*/vendor")), reason="a TPU host")
+def test_libtpu_on_a_host_without_a_tpu_runs_on_the_cpu_without_its_errors(python_runner):
+    """libtpu (the `tpu` and `test` extras, for `plan`) installed, JAX_PLATFORMS unset, no TPU:
+    without the switch JAX's start-up probes for a TPU and libtpu prints errors."""
+    result = python_runner(["-c", LIBTPU_ON_A_CPU_HOST], env={"JAX_PLATFORMS": ""}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "cpu"]
+    assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr[-2000:]
