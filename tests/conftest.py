@@ -68,6 +68,21 @@ def run_python(args: list[str], *, env: dict[str, str] | None = None, cwd: Path 
     return result
 
 
+def launch_job(gin_file: str, *params: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m llamahome.launch --gin_file=<gin_file> --gin_param=<p>...` as a user runs it."""
+    return run_python(["-m", "llamahome.launch", f"--gin_file={gin_file}",
+                       *[f"--gin_param={p}" for p in params]], env={"XLA_FLAGS": ""}, timeout=timeout)
+
+
+def assert_refused_in_one_line(result: subprocess.CompletedProcess, names: str) -> str:
+    """A job that refused its input: exit 2, no traceback, one error line, naming `names`."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and names in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0]
+
+
 @pytest.fixture
 def python_runner():
     return run_python

@@ -20,7 +20,7 @@ from llamahome.model import lora
 from llamahome.model.checkpoints import load_model
 from llamahome.model.hf_jobs import export_hf, import_peft
 from llamahome.model.llama import Llama
-from tests.conftest import run_python
+from tests.conftest import assert_refused_in_one_line, launch_job
 from tests.unit.model.hf_reference import hf_logits, random_hf_llama
 from tests.unit.model.test_peft import TOKENS, make_peft
 
@@ -98,13 +98,9 @@ def test_adapter_for_another_architecture_exits_2_with_one_line(setup, tmp_path)
     """Through launch: an adapter made for 2 kv heads, loaded onto a base with 8."""
     root = setup[0]
     random_hf_llama(num_kv_heads=8).save_pretrained(tmp_path / "other")
-    result = run_python(["-m", "llamahome.launch", "--gin_file=gin/jobs/import_peft.gin",
-                         f"--gin_param=import_peft.adapter_dir='{root / 'adapter'}'",
-                         f"--gin_param=import_peft.base='{tmp_path / 'other'}'",
-                         f"--gin_param=launch.run_dir='{tmp_path / 'run'}'",
-                         f"--gin_param=import_peft.output_dir='{tmp_path / 'out'}'"],
-                        env={"XLA_FLAGS": ""}, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "different architecture" in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    result = launch_job("gin/jobs/import_peft.gin", f"import_peft.adapter_dir='{root / 'adapter'}'",
+                        f"import_peft.base='{tmp_path / 'other'}'",
+                        f"launch.run_dir='{tmp_path / 'run'}'",
+                        f"import_peft.output_dir='{tmp_path / 'out'}'")
+    assert_refused_in_one_line(result, "different architecture")
+    assert not (tmp_path / "out").exists()
