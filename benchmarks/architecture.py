@@ -9,7 +9,8 @@
   bottom to top (an import may point down or sideways, never up, never in a cycle; train
   never imports infer):
       0  errors, files, net, secrets, config.*, jobs (the registry: the @job decorator)
-      1  model.*, data.*, parallel.*, cache, monitor, hub.*
+      1  model.*, data.*, parallel.*, plan.* (topologies, FLOPs, sharding tables), cache,
+         monitor, hub.*
       2  train.*, infer.*
       3  every other *jobs module, quickstart, cli, launch, dashboard.*
   A local import is an `import llamahome...` inside a function: it only hides a cycle.
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llamahome"
 TOP = ("llamahome.quickstart", "llamahome.cli", "llamahome.launch",
        "llamahome.dashboard")
-MIDDLE = ("llamahome.model", "llamahome.data", "llamahome.parallel", "llamahome.cache",
-          "llamahome.monitor", "llamahome.hub")
+MIDDLE = ("llamahome.model", "llamahome.data", "llamahome.parallel", "llamahome.plan",
+          "llamahome.cache", "llamahome.monitor", "llamahome.hub")
 UPPER = ("llamahome.train", "llamahome.infer")
 
 

@@ -165,14 +165,21 @@ def check_divisible(shapes: Any, shardings: Any, what: str = "parameter") -> Non
     traceback at the first jit."""
     for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
                                       jax.tree.leaves(shardings)):
-        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            ways = math.prod(sharding.mesh.shape[a] for a in axes)
-            if size % ways:
+        for dim, size in enumerate(leaf.shape):
+            if size % (ways := shard_ways(sharding, dim)):
+                axes = sharding.spec[dim]
                 raise ConfigError(
-                    f"{what} {'/'.join(_path_key(path))}: dimension {dim} of size {size} does not "
-                    f"split over mesh axes {'x'.join(axes)} ({ways} ways); choose build_mesh sizes "
-                    "that divide it, or another parallel preset")
+                    f"{what} {path_name(path)}: dimension {dim} of size {size} does not split "
+                    f"over mesh axes {axes if isinstance(axes, str) else 'x'.join(axes)} "
+                    f"({ways} ways); choose build_mesh sizes that divide it, or another "
+                    "parallel preset")
+
+
+def shard_ways(sharding: NamedSharding, dim: int) -> int:
+    """Into how many shards `sharding` splits dimension `dim` (1: not split)."""
+    axes = sharding.spec[dim] if dim < len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
@@ -184,8 +191,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _path_key(path: tuple) -> tuple[str, ...]:
+def path_keys(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def path_name(path: tuple) -> str:
+    """'layers/attention/q_proj' for a pytree key path."""
+    return "/".join(path_keys(path))
 
 
 def follow_params(tree_shapes: Any, params_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -198,10 +210,10 @@ def follow_params(tree_shapes: Any, params_shapes: Any, param_shardings: Any, me
     by_path = {}
     for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(params_shapes)[0],
                                        jax.tree.leaves(param_shardings)):
-        by_path[_path_key(path)] = (shape.shape, sharding)
+        by_path[path_keys(path)] = (shape.shape, sharding)
 
     def choose(path, leaf):
-        key = _path_key(path)
+        key = path_keys(path)
         for start in range(len(key)):
             match = by_path.get(key[start:])
             if match and match[0] == leaf.shape:

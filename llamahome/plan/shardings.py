@@ -23,17 +23,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-Rules = tuple  # llamahome.parallel.mesh.Rules: ((logical name, mesh axes), ...)
-
-
-def _path_key(path: tuple) -> tuple[str, ...]:
-    """A pytree key path as names (as llamahome.parallel.mesh matches optimizer state)."""
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def path_name(path: tuple) -> str:
-    """'layers/attention/q_proj' for a pytree key path."""
-    return "/".join(_path_key(path))
+from llamahome.parallel.mesh import Rules, path_keys, path_name, shard_ways
 
 
 def _mesh_axes(spec: PartitionSpec, ndim: int) -> list:
@@ -44,15 +34,8 @@ def _mesh_axes(spec: PartitionSpec, ndim: int) -> list:
 
 def _shard_bytes(leaf: Any, sharding: NamedSharding) -> int:
     """Bytes of one device's shard of `leaf` (rounded up where an axis does not divide)."""
-    shard = [-(-d // _ways(sharding, i)) for i, d in enumerate(leaf.shape)]
+    shard = [-(-d // shard_ways(sharding, i)) for i, d in enumerate(leaf.shape)]
     return math.prod(shard) * jax.numpy.dtype(leaf.dtype).itemsize
-
-
-def _ways(sharding: NamedSharding, dim: int) -> int:
-    spec = list(sharding.spec) + [None] * (dim + 1 - len(sharding.spec))
-    axes = spec[dim]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def _rows(tree: Any, shardings: Any, logical_of: Any) -> dict[str, dict]:
@@ -74,14 +57,14 @@ def sharding_table(abstract_state: Any, shardings: Any, param_specs: Any) -> dic
     flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(abstract_state.params)[0],
                                   flat_specs, strict=True):
-        specs[_path_key(path)] = (tuple(leaf.shape), tuple(spec))
+        specs[path_keys(path)] = (tuple(leaf.shape), tuple(spec))
 
     def param_logical(path, leaf):
-        return specs[_path_key(path)][1]
+        return specs[path_keys(path)][1]
 
     def follows(path, leaf):
         # The parameter this leaf mirrors, matched as mesh.follow_params matches it.
-        key = _path_key(path)
+        key = path_keys(path)
         for start in range(len(key)):
             match = specs.get(key[start:])
             if match and match[0] == tuple(leaf.shape):
