@@ -32,6 +32,9 @@ failure and can restart every process from the last checkpoint. Bound in gin:
 
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -80,10 +83,6 @@ def cpu_only_despite_libtpu() -> bool:
     changes where JAX_PLATFORMS is set, TPU chips are on the PCI bus, or a GPU plugin is
     installed (`jax_plugins` entry points), or once JAX's backends have started.
     """
-    import glob  # noqa: PLC0415
-    import importlib.metadata  # noqa: PLC0415
-    import importlib.util  # noqa: PLC0415
-
     if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
             or importlib.util.find_spec("libtpu") is None
             or list(importlib.metadata.entry_points(group="jax_plugins"))):
