@@ -3,6 +3,7 @@
     python benchmarks/compare_torch.py                    # d256x4 and d512x8, float32
     python benchmarks/compare_torch.py --config d256x4 --rounds 7 --block 2
     python benchmarks/compare_torch.py --config d512x8 --torch_autocast bf16
+    python benchmarks/compare_torch.py --config d256x4 --seq 64 --batch 2   # other shapes
 
 The peer is `transformers.LlamaForCausalLM` (sdpa attention, eager, float32) trained with
 `torch.optim.AdamW` and global-norm clipping, the same update as LlamaHome's train step
@@ -72,8 +73,11 @@ def torch_step_fn(config: LlamaConfig, tokens: np.ndarray, autocast: str = "none
     return step
 
 
-def compare(name: str, rounds: int, block: int, warmup: int, autocast: str = "none") -> dict:
-    config, seq, batch = named_config(name, "float32")
+def compare(name: str, rounds: int, block: int, warmup: int, autocast: str = "none",
+            seq: int | None = None, batch: int | None = None) -> dict:
+    config, config_seq, config_batch = named_config(name, "float32")
+    seq, batch = seq or config_seq, batch or config_batch
+    config = config.replace(max_seq_len=max(seq, config.max_seq_len))
     jax_step, state, data, _ = build(config, seq, batch)
     tokens = np.concatenate([np.asarray(data["inputs"]), np.asarray(data["targets"])[:, -1:]], 1)
     torch_step = torch_step_fn(config, tokens, autocast)
@@ -113,13 +117,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=1, help="steps per timed block")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default: the config's)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default: the config's)")
     parser.add_argument("--torch_autocast", default="none", choices=list(AUTOCAST),
                         help="the PyTorch peer's autocast dtype (LlamaHome stays float32)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     for name in CONFIGS if args.config == "all" else [args.config]:
-        print(json.dumps(compare(name, args.rounds, args.block, args.warmup, args.torch_autocast)),
-              flush=True)
+        print(json.dumps(compare(name, args.rounds, args.block, args.warmup, args.torch_autocast,
+                                 args.seq, args.batch)), flush=True)
 
 
 if __name__ == "__main__":

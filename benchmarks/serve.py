@@ -60,10 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt_len", type=int, nargs=2, default=[16, 64])
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="2 clients, 4 requests of 4 tokens")
+    parser.add_argument("--quick", action="store_true", help="one server of 2 clients, 4 requests of 4 tokens")
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.requests, args.prompt_len, args.new_tokens, args.repeats = [1, 2], 4, [8, 16], 4, 1
+        args.clients, args.requests, args.prompt_len, args.new_tokens, args.repeats = [2], 4, [8, 16], 4, 1
     return args
 
 
@@ -84,7 +84,8 @@ def export_model(folder: Path):
 
 @contextlib.contextmanager
 def serve_job(hf_dir: Path, run_dir: Path, max_batch: int, max_seq_len: int):
-    """The serve job in its own process; yields its base URL once it listens."""
+    """The serve job in its own process; yields a function that waits until it listens and
+    returns its base URL (the caller works meanwhile: the job takes seconds to start)."""
     params = [f"serve.checkpoint='{hf_dir}'", "serve.port=0", f"serve.max_batch={max_batch}",
               f"serve.max_seq_len={max_seq_len}", f"launch.run_dir='{run_dir}'"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
@@ -94,11 +95,15 @@ def serve_job(hf_dir: Path, run_dir: Path, max_batch: int, max_seq_len: int):
                                 *[f"--gin_param={p}" for p in params]],
                                cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL)
-    try:
+
+    def url() -> str:
         line = process.stdout.readline()
         if " on http://" not in line:
             raise RuntimeError(f"the serve job did not start (exit {process.wait()}): {line!r}")
-        yield line.split(" on ")[1].split("/v1")[0]
+        return line.split(" on ")[1].split("/v1")[0]
+
+    try:
+        yield url
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -197,11 +202,12 @@ def main() -> None:
         config, params, hf_dir = export_model(Path(tmp))
         prompts = [rng.integers(3, config.vocab_size, rng.integers(*args.prompt_len, endpoint=True)
                                 ).tolist() for _ in range(args.requests)]
-        hf_run, info = transformers_runner(config, params, "float32")
         max_seq_len = args.prompt_len[1] + args.new_tokens
         with contextlib.ExitStack() as stack:
-            urls = {n: stack.enter_context(serve_job(hf_dir, Path(tmp) / f"run{n}", n, max_seq_len))
-                    for n in args.clients}
+            started = {n: stack.enter_context(serve_job(hf_dir, Path(tmp) / f"run{n}", n, max_seq_len))
+                       for n in args.clients}
+            hf_run, info = transformers_runner(config, params, "float32")  # while the jobs start
+            urls = {n: url() for n, url in started.items()}
             rounds, hf_rates = measure(args, urls, hf_run, prompts)
     result = report(args, config, rounds, hf_rates, info)
     result.update(load_average_start=load_start, load_average_end=os.getloadavg()[0])

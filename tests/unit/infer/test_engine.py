@@ -217,10 +217,12 @@ def test_sharded_engine_equals_single_device(engine, params, prompts, eight_devi
 
 def test_lora_adapters_equal_their_merged_weights(params, prompts):
     lora = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
-    variables = Llama(CONFIG, lora=lora).init(jax.random.key(1), np.zeros((1, 1), np.int32))
+    shapes = jax.eval_shape(Llama(CONFIG, lora=lora).init, jax.random.key(1),
+                            np.zeros((1, 1), np.int32))  # the adapters' layout, no compile
     # B starts at zero (a no-op adapter): random A and B, so the adapter changes the outputs.
-    adapters = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape) * 0.3,
-                            nn.meta.unbox(variables["lora"]))
+    adapters = jax.jit(lambda: jax.tree.map(
+        lambda a: jax.random.normal(jax.random.key(2), a.shape) * 0.3,
+        nn.meta.unbox(shapes["lora"])))()  # one compile, not one per leaf
     merged = lora_lib.merge(params, adapters, lora)
     run = functools.partial(generate, config=CONFIG, prompts=prompts[:8], max_new_tokens=8)
     with_adapter = run(params, lora=lora, adapters=adapters).tokens  # 8 slots of 64 as `engine`
