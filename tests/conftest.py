@@ -44,6 +44,29 @@ def _clean_gin():
     gin.clear_config()
 
 
+@pytest.fixture(scope="session")
+def object_stores():
+    """The S3 (moto) and GCS (gcp-storage-emulator) emulators on 127.0.0.1, for the session."""
+    from tests.object_store import emulators
+
+    with emulators() as stores:
+        yield stores
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request, object_stores, monkeypatch) -> str:
+    """A fresh, empty bucket on each emulator (`s3://...`, `gs://...`), with this process's
+    environment pointed at that emulator (subprocesses inherit it)."""
+    from llamahome import store
+
+    emulator = object_stores[request.param]
+    for name, value in emulator.env().items():
+        monkeypatch.setenv(name, value)
+    store.reset_clients()
+    yield emulator.bucket()
+    store.reset_clients()
+
+
 @pytest.fixture
 def eight_devices():
     """The 8 fake CPU devices of this session (skips if XLA_FLAGS was overridden)."""
