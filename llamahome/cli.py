@@ -28,11 +28,12 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import llamahome
-from llamahome import secrets
+from llamahome import secrets, store
 from llamahome.cache import apply_memory_limits, enable_compilation_cache
 from llamahome.config import gin_config, validate
 from llamahome.errors import ConfigError, UserError
-from llamahome.files import RunDir, RunDirBusy, hold, runs_dir, save_config
+from llamahome.files import (RunDir, RunDirBusy, RunDirSync, hold, runs_dir, save_config,
+                             sigterm_exits)
 from llamahome.jobs import JOBS, describe_jobs, job, needs_run_dir
 from llamahome.launch import allocator_name, describe_allocator
 from llamahome.parallel import distributed
@@ -50,18 +51,24 @@ def import_configurables() -> None:
         importlib.import_module(module.name)
 
 
-def new_run_dir(create: bool = False) -> Path:
-    """A fresh `runs/<timestamp>[-n]`; `create` makes it, so two jobs started at once never share it."""
+def new_run_dir(create: bool = False) -> store.AnyPath:
+    """A fresh `runs/<timestamp>[-n]`; `create` makes it, so two jobs started at once never share it.
+
+    Under a URI nothing is made (object storage has no folders): the first name with no object
+    under it is taken, and the run dir lock stops a second job that picked the same name."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = runs_dir()
     for n in itertools.count(1):
-        run_dir = runs_dir() / (stamp if n == 1 else f"{stamp}-{n}")
-        if not create and not run_dir.exists():
-            return run_dir
-        if create:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                run_dir.mkdir()
+        run_dir = root / (stamp if n == 1 else f"{stamp}-{n}")
+        if store.is_remote(run_dir) or not create:
+            store.refresh(run_dir)
+            if not run_dir.exists():
                 return run_dir
+            continue
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            run_dir.mkdir()
+            return run_dir
     raise AssertionError("unreachable")
 
 
@@ -73,6 +80,11 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
     A job declared `@job(run_dir=False)` (env_info, models, dashboard) gets `run_dir=None` and
     no run dir is made, unless `launch.run_dir` is bound. The operative config (what the job
     used) is written when the job ends, also when it fails.
+
+    A run dir on object storage (`gs://`, `s3://`): process 0 checks it can write there before
+    anything else, takes the lock on the store, and writes the run's small files through a
+    staging folder that `RunDirSync` uploads while the job runs and once more when it ends
+    (llamahome/files.py `RunDir`); the job still gets the URI as `run_dir`.
     """
     apply_memory_limits()  # XLA_PYTHON_CLIENT_* must be set before JAX starts its backend
     distributed.initialize()
@@ -81,33 +93,76 @@ def launch(job: Callable[..., object] = gin.REQUIRED, run_dir: str | None = None
         return job(run_dir=None)
     is_writer = distributed.is_coordinator()
     # Every process of a pod must use process 0's run dir; each would name a new one differently.
-    run_path = Path(run_dir or distributed.from_coordinator(
-        str(new_run_dir(create=write_config)) if is_writer else "")).expanduser()
-    with _locked(run_path, is_writer and write_config):
-        if is_writer and write_config:
+    run_path = store.as_path(run_dir or _shared(lambda: _checked_new_run_dir(write_config),
+                                                is_writer))
+    take = is_writer and write_config
+    with _locked(run_path, take), _synced(run_path, is_writer):
+        if take:
             save_config(run_path, RunDir.CONFIG_FILE, gin.config_str())
-        absl_logging.info("run dir: %s", run_path)
+        absl_logging.info("run dir: %s", store.show(run_path))
         absl_logging.info("host allocator: %s", describe_allocator())
         warn_redacted_bindings()
         try:
             return job(run_dir=str(run_path))
         finally:
-            if is_writer and write_config:
+            if take:
                 save_config(run_path, RunDir.OPERATIVE_CONFIG_FILE, gin.operative_config_str())
 
 
+def _checked_new_run_dir(create: bool) -> str:
+    """`new_run_dir`, once the runs dir is known writable (a bucket: one line if it is not)."""
+    store.check_access(runs_dir())
+    return str(new_run_dir(create=create))
+
+
+_REFUSED = "\0refused: "
+
+
+def _shared(make: Callable[[], str], is_writer: bool) -> str:
+    """`make()` in process 0, handed to every process; a UserError there stops every process."""
+    answer = ""
+    if is_writer:
+        try:
+            answer = make()
+        except UserError as e:
+            if jax.process_count() == 1:
+                raise
+            answer = _REFUSED + str(e)
+    answer = distributed.from_coordinator(answer)
+    if answer.startswith(_REFUSED):
+        raise UserError(answer[len(_REFUSED):])
+    return answer
+
+
 @contextlib.contextmanager
-def _locked(run_dir: Path, take: bool) -> Iterator[None]:
-    """Holds the run dir's lock when `take`; on a pod every process stops if process 0 could not."""
+def _locked(run_dir: store.AnyPath, take: bool) -> Iterator[None]:
+    """Holds the run dir's lock when `take`; on a pod every process stops if process 0 could not.
+
+    A run dir on object storage is first probed for access (one line naming the bucket and the
+    cause), so nothing is written where it cannot all be written."""
     with contextlib.ExitStack() as stack:
-        refusal = ""
+        refusal, error = "", None
         if take:
             try:
+                store.check_access(run_dir)
                 stack.enter_context(hold(run_dir))
-            except RunDirBusy as e:
-                refusal = str(e)
+            except UserError as e:
+                refusal, error = str(e), e
         if refusal := distributed.from_coordinator(refusal):
+            if error is not None:
+                raise error
             raise RunDirBusy(refusal)
+        yield
+
+
+@contextlib.contextmanager
+def _synced(run_dir: store.AnyPath, is_writer: bool) -> Iterator[None]:
+    """For a remote run dir in process 0: its staged files uploaded while the job runs and at the
+    end, SIGTERM turned into an exit that still uploads."""
+    if not (is_writer and store.is_remote(run_dir)):
+        yield
+        return
+    with RunDirSync(run_dir), sigterm_exits():
         yield
 
 

@@ -29,7 +29,7 @@ A CPU measurement moves with the machine's load (the same code measured 242-305 
 load and 470-495 quiet), and a peak measured at a loaded moment makes MFU read above 100%. So
 the figure is measured once per machine (CPU model, cores, JAX version, devices, dtype), as the
 best of several timed matmuls, and cached under the cache dir (`peak_flops/*.json`); later runs
-reuse it; `peak_flops.remeasure = True` adds a measurement, and the best of them is the peak.
+reuse it (a cache dir on object storage: the local default cache root instead); `peak_flops.remeasure = True` adds a measurement, and the best of them is the peak.
 MFU is clamped at 100%.
 """
 
@@ -50,9 +50,8 @@ import jax
 import jax.numpy as jnp
 import tqdm
 from absl import logging
-from tensorboardX import SummaryWriter
 
-from llamahome.files import RunDir, cache_dir, write_text_atomic
+from llamahome.files import RunDir, local_cache_dir, write_text_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Metrics: metrics.jsonl, TensorBoard and the progress bar
@@ -72,6 +71,10 @@ class MetricsWriter:
         self._mfu_of = f" of {mfu_peak}" if mfu_peak else ""
         run.path.mkdir(parents=True, exist_ok=True)
         self._jsonl = run.metrics.open("a", encoding="utf-8")
+        # Imported here: tensorboardX imports torch where it is installed (~1.5 s), which jobs
+        # that write no metrics (generate, export_hf, serve, ...) should not pay at start.
+        from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(str(run.tensorboard))
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                               disable=not progress_bar)
@@ -242,7 +245,7 @@ def cpu_peak_flops(dtype: str, sizes: tuple[int, ...], remeasure: bool = False,
     best of all is the figure; `remeasure` adds one (delete the file to start over).
     """
     key = machine_key(dtype, sizes)
-    path = peak_cache_path(key, cache_dir() if root is None else root)
+    path = peak_cache_path(key, local_cache_dir() if root is None else root)
     measurements = _cached_measurements(path, key)
     if measurements and not remeasure:
         return max(m["flops"] for m in measurements)

@@ -6,7 +6,8 @@ Pages (static HTML + JS from `static/`, drawn in the browser from the API):
   /compare?runs=a,b      loss curves of several runs overlaid
   /playground?run=<name> sample text from a checkpoint, streamed back
 
-API (JSON; every run is a directory directly under `runs_dir`):
+API (JSON; every run is a directory directly under `runs_dir`, a local folder or a `gs://` /
+`s3://` URI read through `run_files.RemoteReader`):
   GET  /api/runs                          [run summary] (see run_files.run_summary)
   GET  /api/runs/<name>                   run summary plus the raw status.json
   GET  /api/runs/<name>/metrics?since=N   metrics.jsonl records from byte offset N:
@@ -39,7 +40,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, S
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from llamahome import secrets
+from llamahome import secrets, store
 from llamahome.dashboard import run_files
 from llamahome.dashboard.playground import FieldError, Playground, SampleRequest
 from llamahome.dashboard.request_guard import MAX_BODY_BYTES, RequestGuard
@@ -115,13 +116,13 @@ def _page(file: str):
 def run_page(request: Request):
     if _run_dir(request) is None:
         return PlainTextResponse(f"no run {request.path_params['name']!r} under "
-                                 f"{request.app.state.runs_dir}", 404)
+                                 f"{store.show(request.app.state.runs_dir)}", 404)
     return FileResponse(STATIC_DIR / "run.html", headers=_NO_STORE)
 
 
 def api_runs(request: Request) -> JSONResponse:
     state = request.app.state
-    return _json({"runs_dir": str(state.runs_dir), "stale_after_s": state.stale_after_s,
+    return _json({"runs_dir": store.show(state.runs_dir), "stale_after_s": state.stale_after_s,
                   "runs": run_files.list_runs(state.runs_dir, state.stale_after_s)})
 
 
@@ -201,7 +202,7 @@ async def api_generate(request: Request):
                              media_type="text/event-stream", headers=_NO_STORE)
 
 
-def build_app(runs_dir: Path, *, stale_after_s: float = 120.0, loopback_only: bool = True,
+def build_app(runs_dir: Path | str, *, stale_after_s: float = 120.0, loopback_only: bool = True,
               playground: Playground | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The dashboard over the run dirs directly under `runs_dir`."""
     routes = [
@@ -221,7 +222,7 @@ def build_app(runs_dir: Path, *, stale_after_s: float = 120.0, loopback_only: bo
     app = Starlette(routes=routes, exception_handlers={RequestError: _request_error,
                                                        Exception: _server_error})
     app.add_middleware(RequestGuard, loopback_only=loopback_only, max_body_bytes=max_body_bytes)
-    app.state.runs_dir = Path(runs_dir)
+    app.state.runs_dir = store.as_path(runs_dir)
     app.state.stale_after_s = stale_after_s
     app.state.playground = playground or Playground()
     return app

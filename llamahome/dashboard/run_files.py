@@ -9,17 +9,26 @@ has just started, or one being written while it is read, is shown with what is t
 Symlinks are followed only while they stay inside: a run dir must resolve inside the runs
 dir, and a run's files inside its run dir. One that points out (`config.gin ->
 ~/.ssh/id_rsa`) reads as missing, so the dashboard never serves a file from elsewhere.
+
+A runs dir on object storage (`gs://`, `s3://`; its run dirs are `epath.Path`s) is read
+through `RemoteReader`: listings and small objects are kept `RemoteReader.ttl_s` seconds, and
+metrics.jsonl is read in byte ranges (its tail for the runs list, `since..` for the curves), so a
+page load costs a listing of the runs dir plus a few requests per run, once per TTL.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from llamahome import store
 from llamahome.files import RunDir, dir_size
 
 STALE = "stale"  # shown for a "running" heartbeat older than the threshold: the process died
@@ -28,8 +37,100 @@ _TAIL_BLOCK = 64 << 10
 _MODEL_NAME = re.compile(r"^LlamaConfig\.name\s*=\s*['\"]([^'\"]+)['\"]", re.MULTILINE)
 
 
+class RemoteReader:
+    """Cached reads of object storage for the dashboard: listings and objects, `ttl_s` each."""
+
+    def __init__(self, ttl_s: float = 5.0):
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple, tuple[float, object]] = {}
+        self._mutex = threading.Lock()
+        self.requests = 0  # sent to the store (tests count them)
+
+    def _cached(self, key: tuple, fetch):
+        now = time.monotonic()
+        with self._mutex:
+            hit = self._cache.get(key)
+            if hit and now - hit[0] < self.ttl_s:
+                return hit[1]
+        value = fetch()
+        with self._mutex:
+            self.requests += 1
+            self._cache[key] = (now, value)
+            if len(self._cache) > 4096:
+                self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self.ttl_s}
+        return value
+
+    @staticmethod
+    def _fs(path):
+        import fsspec  # gcsfs, s3fs: what epath uses
+
+        scheme, bucket, key = store.split(path)
+        return fsspec.filesystem("gcs" if scheme == "gs" else "s3"), f"{bucket}/{key}".rstrip("/")
+
+    def listing(self, path) -> dict[str, dict]:
+        """{name: {"dir": bool, "size": int, "mtime": float | None}} of the entries directly
+        under `path` ({} if none or unreadable)."""
+        def fetch():
+            fs, key = self._fs(path)
+            try:
+                entries = fs.ls(key, detail=True, refresh=True)
+            except (OSError, ValueError):
+                return {}
+            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: {
+                "dir": e.get("type") == "directory", "size": int(e.get("size") or 0),
+                "mtime": _mtime(e)} for e in entries if e["name"].rstrip("/") != key}
+        return self._cached(("ls", os.fspath(path)), fetch)
+
+    def info(self, path) -> dict | None:
+        """The listing entry of the object `path`, or None."""
+        parent, _, name = os.fspath(path).rpartition("/")
+        return self.listing(parent).get(name)
+
+    def read(self, path, start: int = 0, end: int | None = None) -> bytes | None:
+        """Bytes [start, end) of the object `path` (None if it is missing)."""
+        def fetch():
+            fs, key = self._fs(path)
+            try:
+                return fs.cat_file(key, start=start or None, end=end)
+            except (OSError, ValueError):
+                return None
+        return self._cached(("read", os.fspath(path), start, end), fetch)
+
+    def find(self, path) -> dict[str, dict]:
+        """{relative name: listing entry} of every object under `path`, recursively."""
+        def fetch():
+            fs, key = self._fs(path)
+            try:
+                fs.invalidate_cache(key)
+                found = fs.find(key, detail=True, withdirs=False)
+            except (OSError, ValueError):
+                return {}
+            return {name[len(key) + 1:]: {"size": int(e.get("size") or 0), "mtime": _mtime(e)}
+                    for name, e in found.items()}
+        return self._cached(("find", os.fspath(path)), fetch)
+
+
+def _mtime(entry: dict) -> float | None:
+    value = entry.get("mtime") or entry.get("updated") or entry.get("LastModified")
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+REMOTE = RemoteReader()
+
+
 def inside(root: Path, path: Path) -> Path | None:
-    """`path` with every symlink resolved, or None unless that lies strictly inside `root` (resolved)."""
+    """`path` with every symlink resolved, or None unless that lies strictly inside `root` (resolved).
+    On object storage (no symlinks): `path` if its URI lies under `root`'s."""
+    if store.is_remote(path):
+        top, text = os.fspath(root).rstrip("/") + "/", os.fspath(path)
+        return path if text.startswith(top) and ".." not in text[len(top):].split("/") else None
     try:
         real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
         return real if real != real_root and real.is_relative_to(real_root) else None
@@ -39,6 +140,8 @@ def inside(root: Path, path: Path) -> Path | None:
 
 def escaping_symlink(root: Path, tops: list[Path]) -> Path | None:
     """The first of `tops`, or of the files and dirs under them, that resolves outside `root`."""
+    if store.is_remote(root):
+        return None
     for top in tops:
         if os.path.lexists(top) and inside(root, top) is None:
             return top
@@ -73,6 +176,9 @@ def read_json(path: Path | None) -> dict | None:
 def read_text(path: Path | None) -> str | None:
     if path is None:
         return None
+    if store.is_remote(path):
+        data = REMOTE.read(path)
+        return None if data is None else data.decode("utf-8", errors="replace")
     try:
         return path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -85,6 +191,8 @@ def run_file(run_dir: Path, name: str) -> Path | None:
 
 
 def is_run_dir(path: Path) -> bool:
+    if store.is_remote(path):
+        return any(marker in REMOTE.listing(path) for marker in RunDir.MARKERS)
     try:
         return path.is_dir() and any((path / marker).exists() for marker in RunDir.MARKERS)
     except (OSError, ValueError):  # a name too long for the file system
@@ -139,21 +247,38 @@ def read_metrics(run_dir: Path, since: int = 0, max_bytes: int = MAX_METRICS_BYT
     lies past the end (the file was replaced), in which case reading restarted at 0.
     """
     path = run_file(run_dir, RunDir.METRICS_FILE)
-    try:
-        size = path.stat().st_size if path else -1
-    except OSError:
-        size = -1
+    size = _size(path)
     if size < 0:
         return {"records": [], "next": 0, "size": 0, "reset": since > 0}
     reset = since > size or since < 0
     start = 0 if reset else since
-    with path.open("rb") as f:
-        f.seek(start)
-        data = f.read(max_bytes)
+    data = _read_range(path, start, min(size, start + max_bytes))
     records, consumed = parse_records(data)
     if consumed == 0 and len(data) == max_bytes:  # one line longer than max_bytes: skip it
         consumed = len(data)
     return {"records": records, "next": start + consumed, "size": size, "reset": reset}
+
+
+def _size(path: Path | None) -> int:
+    """The size of the file or object `path`; -1 if it is missing."""
+    if path is None:
+        return -1
+    if store.is_remote(path):
+        info = REMOTE.info(path)
+        return -1 if info is None or info["dir"] else info["size"]
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _read_range(path: Path, start: int, end: int) -> bytes:
+    """Bytes [start, end) of `path` (fewer if it shrank)."""
+    if store.is_remote(path):
+        return (REMOTE.read(path, start, end) or b"") if end > start else b""
+    with path.open("rb") as f:
+        f.seek(start)
+        return f.read(end - start)
 
 
 def last_train_record(run_dir: Path) -> dict | None:
@@ -161,23 +286,21 @@ def last_train_record(run_dir: Path) -> dict | None:
     if (path := run_file(run_dir, RunDir.METRICS_FILE)) is None:
         return None
     try:
-        with path.open("rb") as f:
-            end = path.stat().st_size
-            pending = b""  # bytes after `end` not yet parsed: a line cut by the block boundary
-            while end > 0:
-                start = max(0, end - _TAIL_BLOCK)
-                f.seek(start)
-                data = f.read(end - start) + pending
-                end = start
-                cut = 0 if start == 0 else data.find(b"\n") + 1  # the first line may be cut
-                if start > 0 and cut == 0:
-                    pending = data
-                    continue
-                records, _ = parse_records(data[cut:])
-                for record in reversed(records):
-                    if record.get("split", "train") == "train":
-                        return record
-                pending = data[:cut]
+        end = _size(path)
+        pending = b""  # bytes after `end` not yet parsed: a line cut by the block boundary
+        while end > 0:
+            start = max(0, end - _TAIL_BLOCK)
+            data = _read_range(path, start, end) + pending
+            end = start
+            cut = 0 if start == 0 else data.find(b"\n") + 1  # the first line may be cut
+            if start > 0 and cut == 0:
+                pending = data
+                continue
+            records, _ = parse_records(data[cut:])
+            for record in reversed(records):
+                if record.get("split", "train") == "train":
+                    return record
+            pending = data[:cut]
     except OSError:
         return None
     return None
@@ -201,6 +324,8 @@ def list_checkpoints(run_dir: Path) -> list[dict]:
     directories named by an integer are listed.
     """
     root = RunDir(run_dir).checkpoints
+    if store.is_remote(run_dir):
+        return _remote_checkpoints(root)
     if not root.is_dir() or inside(run_dir, root) is None:
         return []
     checkpoints = []
@@ -211,14 +336,41 @@ def list_checkpoints(run_dir: Path) -> list[dict]:
     return sorted(checkpoints, key=lambda c: c["step"])
 
 
+def _remote_checkpoints(root) -> list[dict]:
+    """Checkpoints on object storage: steps whose commit marker (Orbax's commit_success.txt,
+    written last) is there, from one recursive listing."""
+    steps: dict[int, dict] = {}
+    for name, entry in REMOTE.find(root).items():
+        step, _, rest = name.partition("/")
+        if not step.isdigit() or not rest:
+            continue
+        c = steps.setdefault(int(step), {"step": int(step), "bytes": 0, "path": f"{root}/{step}",
+                                         "mtime": 0.0, "committed": False})
+        c["bytes"] += entry["size"]
+        c["mtime"] = max(c["mtime"], entry["mtime"] or 0.0)
+        c["committed"] |= rest == "commit_success.txt"
+    return [{k: v for k, v in c.items() if k != "committed"}
+            for _, c in sorted(steps.items()) if c["committed"]]
+
+
+def _started_fallback(run_dir: Path) -> float | None:
+    """When the run started, for a run with no heartbeat: its config's mtime."""
+    if store.is_remote(run_dir):
+        info = REMOTE.info(f"{run_dir}/{RunDir.CONFIG_FILE}")
+        return info["mtime"] if info else None
+    if (config := run_file(run_dir, RunDir.CONFIG_FILE)) and config.exists():
+        return config.stat().st_mtime
+    return None
+
+
 def run_summary(run_dir: Path, stale_after_s: float, now: float | None = None) -> dict:
     """One row of the runs list: name, status, model, steps, last loss, tokens/s, start time."""
     now = time.time() if now is None else now
     status = read_json(run_file(run_dir, RunDir.STATUS_FILE))
     last = last_train_record(run_dir) or {}
     started = (status or {}).get("started")
-    if started is None and (config := run_file(run_dir, RunDir.CONFIG_FILE)) and config.exists():
-        started = config.stat().st_mtime
+    if started is None:
+        started = _started_fallback(run_dir)
     return {
         "name": run_dir.name,
         "status": effective_status(status, now, stale_after_s),
@@ -237,9 +389,19 @@ def run_summary(run_dir: Path, stale_after_s: float, now: float | None = None) -
 
 def list_runs(runs_dir: Path, stale_after_s: float) -> list[dict]:
     """Summaries of every run dir directly under `runs_dir`, newest start first."""
-    if not runs_dir.is_dir():
-        return []
     now = time.time()
-    runs = [run_summary(p, stale_after_s, now) for p in runs_dir.iterdir()
-            if is_run_dir(p) and inside(runs_dir, p) is not None]
+    if store.is_remote(runs_dir):  # requests in parallel: each run is a few round trips
+        names = [n for n, e in REMOTE.listing(runs_dir).items() if e["dir"]]
+        with ThreadPoolExecutor(8) as pool:
+            runs = [r for r in pool.map(lambda n: _remote_summary(runs_dir / n, stale_after_s, now),
+                                        names) if r]
+    elif not runs_dir.is_dir():
+        return []
+    else:
+        runs = [run_summary(p, stale_after_s, now) for p in runs_dir.iterdir()
+                if is_run_dir(p) and inside(runs_dir, p) is not None]
     return sorted(runs, key=lambda r: (r["started"] or 0, r["name"]), reverse=True)
+
+
+def _remote_summary(run_dir, stale_after_s: float, now: float) -> dict | None:
+    return run_summary(run_dir, stale_after_s, now) if is_run_dir(run_dir) else None

@@ -2,6 +2,8 @@
 
     python -m llamahome.launch --gin_file=gin/dashboard.gin --gin_param='dashboard.runs_dir="runs"'
 
+`runs_dir` may be a `gs://` or `s3://` URI: the runs are read from the bucket (run_files.py).
+
 Only loopback hosts (127.0.0.1, ::1, localhost) are served unless `allow_public=True`: the
 dashboard has no authentication, and its playground runs models on this machine.
 """
@@ -9,12 +11,11 @@ dashboard has no authentication, and its playground runs models on this machine.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import uvicorn
 from absl import logging
 
-from llamahome import files, net
+from llamahome import files, net, store
 from llamahome.dashboard.app import build_app
 from llamahome.jobs import job
 
@@ -35,10 +36,12 @@ def dashboard(run_dir: str | None = None, runs_dir: str | None = None,
               port: int = 8265, allow_public: bool = False, stale_after_s: float = 120.0) -> None:
     """Serves the dashboard over the runs under `runs_dir` until interrupted (run_dir is unused)."""
     del run_dir  # the dashboard only reads run dirs: it gets none of its own
-    root = Path(runs_dir).expanduser() if runs_dir else files.runs_dir()
+    root = store.as_path(runs_dir) if runs_dir else files.runs_dir()
+    store.check_access(root, write=False)  # a missing bucket or credentials: one line, exit 2
     sock = bind_socket(host, port, allow_public)
     app = build_app(root, stale_after_s=stale_after_s, loopback_only=not allow_public)
-    logging.info("dashboard of %s on %s (Ctrl-C stops it)", root.resolve(), net.url_of(sock))
+    logging.info("dashboard of %s on %s (Ctrl-C stops it)", store.show(store.resolve(root)),
+                 net.url_of(sock))
     print(f"dashboard: {net.url_of(sock)}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     server.run(sockets=[sock])
