@@ -27,11 +27,23 @@ Loading one loads its base from `adapter.json` (base path and step), refuses a b
 A PEFT directory without `adapter.json` names no base LlamaHome can verify: import it with
 the import_peft job first. An adapter trained on a quantized base (QLoRA, adapter.json's
 base.quant) is applied to the full-precision base, as PEFT applies QLoRA adapters.
+
+Any of these may be a `gs://` or `s3://` URI (llamahome/store.py). Arrays are read from the
+bucket directly (Orbax, TensorStore); small files (the saved gin config, a run dir's
+config.gin, adapter.json, model.gin) are read as objects. A training step there is taken only
+once sealed (its `llamahome_manifest.json`, train/checkpoint.py): the newest sealed step of a
+run dir, and a named step that is not sealed is refused. What only reads local folders, a
+Hugging Face or PEFT directory and a tokenizer's files, is first downloaded into a temporary
+local folder (`_local_copy`), removed when the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +52,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from llamahome import store
 from llamahome.config.gin_config import gin_bindings
+from llamahome.data import tokenizer as tokenizer_lib
 from llamahome.data.tokenizer import TokenizerSpec, run_tokenizer
 from llamahome.errors import CheckpointError
 from llamahome.files import RunDir
@@ -57,6 +71,7 @@ from llamahome.parallel.mesh import Rules, logical_shardings
 PARAMS_SUBDIR = "params"
 MODEL_GIN = "model.gin"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+MANIFEST = "llamahome_manifest.json"  # a sealed training step (train/checkpoint.py MANIFEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +85,7 @@ class LoadedModel:
     params: dict
     tokenizer: TokenizerSpec | None
     kind: str  # "train" | "params" | "hf" | "adapter"
-    path: Path  # the step dir, params dir, HF dir or adapter dir read
+    path: store.AnyPath  # the step dir, params dir, HF dir or adapter dir read
     step: int | None = None
     gin_config: str | None = None  # a training step's saved gin config (its data, its schedule)
     lora: lora.LoraConfig | None = None
@@ -78,70 +93,113 @@ class LoadedModel:
     adapter_meta: lora.AdapterMeta | None = None  # its adapter.json: which base, its digest
 
 
-def _is_step_dir(path: Path) -> bool:
+def _is_step_dir(path: store.AnyPath) -> bool:
     return path.name.isdigit() and (path / "state").is_dir()
 
 
-def _steps(checkpoints: Path) -> list[int]:
-    return sorted(int(p.name) for p in checkpoints.iterdir() if _is_step_dir(p))
+def _sealed(step_dir: store.AnyPath) -> bool:
+    """Whether a step may be read: always on local disk, once sealed on object storage."""
+    return not store.is_remote(step_dir) or (step_dir / MANIFEST).is_file()
 
 
-def resolve(path: str | Path, step: int | None = None) -> tuple[str, Path]:
-    """(kind, directory) of what `path` names: a train step dir, a params checkpoint, an HF dir."""
-    path = Path(path).expanduser().absolute()
+def _steps(checkpoints: store.AnyPath) -> list[int]:
+    return sorted(int(p.name) for p in checkpoints.iterdir() if _is_step_dir(p) and _sealed(p))
+
+
+def _local_copy(remote: store.AnyPath, files: tuple[str, ...] | None = None) -> Path:
+    """A temporary local copy of the folder `remote` (only its top-level `files` if given), for
+    readers of local folders (HF, PEFT, tokenizers); removed when the process exits."""
+    digest = hashlib.sha256(store.uri(remote).encode()).hexdigest()[:12]
+    local = Path(tempfile.mkdtemp(prefix=f"llamahome-{digest}-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    if files is None:
+        return store.download_dir(remote, local)
+    for name in files:
+        if (remote / name).is_file():
+            (local / name).write_bytes((remote / name).read_bytes())
+    return local
+
+
+def resolve(path: str | Path, step: int | None = None) -> tuple[str, store.AnyPath]:
+    """(kind, directory) of what `path` names: a train step dir, a params checkpoint, an HF dir.
+
+    An HF or PEFT directory on object storage is returned as a local copy (`_local_copy`).
+    """
+    path = store.resolve(path)
+    remote = store.is_remote(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if peft.is_peft_dir(path):  # before config.json: an adapter dir may hold a copy of it
-        return "adapter", path
-    if (path / "config.json").is_file():
-        return "hf", path
+        raise CheckpointError(f"checkpoint {store.show(path)} does not exist")
+    # A PEFT dir before config.json: an adapter dir may hold a copy of it (peft.is_peft_dir).
+    for kind, marker in (("adapter", peft.CONFIG_FILE), ("hf", "config.json")):
+        if (path / marker).is_file():
+            return kind, _local_copy(path) if remote else path
     if _is_step_dir(path):
+        if not _sealed(path):
+            raise CheckpointError(f"{store.show(path)} has no {MANIFEST}: its save did not finish "
+                                  "(on object storage a step is read once sealed); use another "
+                                  "step")
         return "train", path
-    if RunDir(path).checkpoints.is_dir():
-        path = RunDir(path).checkpoints
+    if (path / RunDir.CHECKPOINTS_DIR).is_dir():
+        path = path / RunDir.CHECKPOINTS_DIR
     if path.name == RunDir.CHECKPOINTS_DIR:
         steps = _steps(path)
         if not steps:
-            raise CheckpointError(f"{path} holds no finished checkpoint step yet")
+            raise CheckpointError(f"{store.show(path)} holds no finished checkpoint step yet")
         if step is None:
             return "train", path / str(steps[-1])
         if step not in steps:
-            raise CheckpointError(f"{path} has no step {step}; it has steps {steps}")
+            raise CheckpointError(f"{store.show(path)} has no step {step}; it has steps {steps}")
         return "train", path / str(step)
     if (path / PARAMS_SUBDIR).is_dir():
         return "params", path / PARAMS_SUBDIR
     if (path / "_CHECKPOINT_METADATA").is_file() or (path / "_METADATA").is_file():
         return "params", path
     raise CheckpointError(
-        f"{path} is not a checkpoint: expected a training run dir (with checkpoints/<step>/), "
-        "a step dir, an import_hf output (params/ + model.gin), a Hugging Face directory "
-        "(config.json + safetensors) or a LoRA adapter (adapter_config.json + adapter.json)")
+        f"{store.show(path)} is not a checkpoint: expected a training run dir (with "
+        "checkpoints/<step>/), a step dir, an import_hf output (params/ + model.gin), a Hugging "
+        "Face directory (config.json + safetensors) or a LoRA adapter (adapter_config.json + "
+        "adapter.json)")
 
 
-def _saved_gin_config(step_dir: Path) -> str:
+def _run_tokenizer(run_dir: store.AnyPath) -> TokenizerSpec | None:
+    """The run dir's own tokenizer copy (data/tokenizer.py), downloaded if the run is remote."""
+    if store.is_remote(run_dir):
+        folder = run_dir / RunDir.TOKENIZER_DIR
+        if not folder.is_dir():
+            return None
+        local = _local_copy(run_dir, ())
+        store.download_dir(folder, local / RunDir.TOKENIZER_DIR)
+        run_dir = local
+    return run_tokenizer(run_dir)
+
+
+def _saved_gin_config(step_dir: store.AnyPath) -> str:
     try:
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
             return checkpointer.restore(step_dir / "config")["gin_config"]
     except (FileNotFoundError, KeyError, ValueError, TypeError):
-        run_config = RunDir(step_dir.parent.parent).config
+        run_config = step_dir.parent.parent / RunDir.CONFIG_FILE  # in the bucket for a remote run
         if run_config.is_file():
             return run_config.read_text()
-        raise CheckpointError(f"{step_dir} has no saved gin config (config/) and its run dir no "
-                              "config.gin; cannot tell which model it holds") from None
+        raise CheckpointError(f"{store.show(step_dir)} has no saved gin config (config/) and its "
+                              "run dir no config.gin; cannot tell which model it holds") from None
 
 
-def _config_from_gin(text: str, where: Path) -> LlamaConfig:
+def _config_from_gin(text: str, where: store.AnyPath) -> LlamaConfig:
     fields = gin_bindings(text, "LlamaConfig")
     try:
         return LlamaConfig(**fields)
     except TypeError as e:
-        raise CheckpointError(f"the LlamaConfig bindings of {where} do not build a config: {e}")
+        raise CheckpointError(f"the LlamaConfig bindings of {store.show(where)} do not build a "
+                              f"config: {e}")
 
 
-def _tokenizer_in(*folders: Path) -> TokenizerSpec | None:
+def _tokenizer_in(*folders: store.AnyPath) -> TokenizerSpec | None:
     for folder in folders:
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
+                if store.is_remote(folder):  # tokenizer.json, its config, its chat template...
+                    folder = _local_copy(folder, tokenizer_lib.TOKENIZER_FILES)
                 return TokenizerSpec(str(folder))
     return None
 
@@ -165,7 +223,7 @@ def _shardings(config: LlamaConfig, mesh: Mesh | None, rules: Rules | None,
     return logical_shardings(axes, mesh, rules)
 
 
-def _restore_train_params(step_dir: Path, config: LlamaConfig, shardings,
+def _restore_train_params(step_dir: store.AnyPath, config: LlamaConfig, shardings,
                           shapes: dict | None = None) -> dict:
     """The state's "params" (the adapters of a LoRA step, with their `shapes`), partially read."""
     shapes = param_shapes(config) if shapes is None else shapes
@@ -179,7 +237,7 @@ def _restore_train_params(step_dir: Path, config: LlamaConfig, shardings,
                 item={"params": target}, restore_args={"params": restore_args},
                 partial_restore=True))
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"cannot read the params of {step_dir}: {e}") from e
+            raise CheckpointError(f"cannot read the params of {store.show(step_dir)}: {e}") from e
     return restored["params"]
 
 
@@ -206,7 +264,7 @@ def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig
         params = _restore_train_params(where, model_config,
                                        _shardings(model_config, mesh, rules))
         # The run's own copy (data/tokenizer.py) outlives the file it was trained from.
-        tokenizer = run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
+        tokenizer = _run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
         return LoadedModel(model_config, params, tokenizer, kind, where, int(where.name), text)
     model_gin = where.parent / MODEL_GIN
     if model_gin.is_file():
@@ -214,14 +272,14 @@ def load_model(path: str | Path, *, step: int | None = None, config: LlamaConfig
     elif config is not None:
         model_config = config
     else:
-        raise CheckpointError(f"{where} has no model.gin beside it; bind the LlamaConfig preset "
+        raise CheckpointError(f"{store.show(where)} has no model.gin beside it; bind the LlamaConfig preset "
                               "it was made with (e.g. --gin_file=gin/models/<name>.gin)")
     model_config = model_config.replace(**overrides)
     params = params_io.load_params(where, model_config, _shardings(model_config, mesh, rules))
     return LoadedModel(model_config, params, _tokenizer_in(where.parent, where), kind, where)
 
 
-def _load_adapter(kind: str, where: Path, meta: lora.AdapterMeta, mesh: Mesh | None,
+def _load_adapter(kind: str, where: store.AnyPath, meta: lora.AdapterMeta, mesh: Mesh | None,
                   rules: Rules | None, overrides: dict) -> LoadedModel:
     """The base of `meta` (digest checked) with the adapters of `where` (a step or PEFT dir)."""
     arch = _config_from_gin(meta.architecture, where / lora.META_FILE)
@@ -232,9 +290,9 @@ def _load_adapter(kind: str, where: Path, meta: lora.AdapterMeta, mesh: Mesh | N
     base = load_model(meta.base_path, step=meta.base_step, config=arch, mesh=mesh, rules=rules,
                       **{**held, **overrides})
     if base.lora is not None:
-        raise CheckpointError(f"{where}: its base {meta.base_path} is itself an adapter; "
+        raise CheckpointError(f"{store.show(where)}: its base {meta.base_path} is itself an adapter; "
                               "adapters go on a plain base model")
-    lora.check_base(meta, lora.params_digest(base.params), str(where))
+    lora.check_base(meta, lora.params_digest(base.params), store.show(where))
     if meta.base_quant:
         logging.info("%s was trained on its base quantized to %s; it runs on the base as "
                      "stored", where, meta.base_quant)
@@ -242,7 +300,7 @@ def _load_adapter(kind: str, where: Path, meta: lora.AdapterMeta, mesh: Mesh | N
     if kind == "train":
         adapters = _restore_train_params(where, base.config, shardings,
                                          adapter_shapes(base.config, meta.lora))
-        tokenizer = run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
+        tokenizer = _run_tokenizer(where.parent.parent) or _tokenizer_bound(text)
         step = int(where.name)
     else:
         step, tokenizer = None, _tokenizer_in(where)
@@ -258,7 +316,7 @@ def load_params_for(path: str | Path, config: LlamaConfig, shardings, *,
     """Params for `config` from any checkpoint kind (what `train.init_from` starts from)."""
     kind, where = resolve(path, step)
     if kind == "adapter" or (kind == "train" and lora.read_meta(where)):
-        raise CheckpointError(f"{where} is a LoRA adapter, not a full model; start from its base "
+        raise CheckpointError(f"{store.show(where)} is a LoRA adapter, not a full model; start from its base "
                               "(train.init_from = its base) or merge it first (export_hf with "
                               "export_hf.merged=True)")
     if kind == "train":
@@ -279,7 +337,7 @@ def describe(model: LoadedModel) -> str:
     """One line naming what was loaded."""
     at = f" step {model.step}" if model.step is not None else ""
     what = (f"{model.config.name} ({model.config.num_params():,} params) from {model.kind} "
-            f"checkpoint {model.path}{at}")
+            f"checkpoint {store.show(model.path)}{at}")
     meta = model.adapter_meta
     if meta is None:
         return what

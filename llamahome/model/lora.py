@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llamahome import store
 from llamahome.errors import CheckpointError, ConfigError, did_you_mean
 from llamahome.files import write_text_atomic
 from llamahome.model import quant
@@ -255,20 +256,20 @@ class AdapterMeta:
 
 
 def write_meta(folder: str | Path, meta: AdapterMeta) -> Path:
-    path = Path(folder) / META_FILE
+    path = store.as_path(folder) / META_FILE
     write_text_atomic(path, json.dumps(meta.to_json(), indent=2) + "\n")
     return path
 
 
 def read_meta(folder: str | Path) -> AdapterMeta | None:
     """The folder's `adapter.json`, None when it has none; a malformed one is an error."""
-    path = Path(folder) / META_FILE
+    path = store.as_path(folder) / META_FILE
     if not path.is_file():
         return None
     try:
         return AdapterMeta.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid adapter record ({e})") from None
+        raise CheckpointError(f"{store.show(path)} is not a valid adapter record ({e})") from None
 
 
 def check_base(meta: AdapterMeta, digest: str, where: str) -> None:

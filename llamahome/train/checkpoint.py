@@ -13,18 +13,30 @@ trained on), written by process 0 after Orbax commits the step and before it is 
 the manifest covers it (`Checkpointer(on_commit=...)`).
 
 Every step is sealed with `llamahome_manifest.json`: the size and sha256 of each of its files,
-written atomically by process 0 once Orbax has committed the step (for an async save: at the
-first `poll`, `save` or `wait` after the background write finished). `verify` re-reads a step
-against it. A step without a manifest is either older than checksums (no older step has one:
-restored with a warning) or was committed by a run killed before sealing it (an older step has
-one: not trusted, the restore falls back). Retention never deletes the newest sealed step, so
-a few steps may briefly outlive `keep_last_n`.
+written atomically by process 0 once Orbax has committed the step (for an async save: in a
+second background thread that the first `poll` after the write finished starts, since sealing
+reads every file back; `save` and `wait` wait for it). `verify` re-reads a step
+against it. A step without a manifest in a local dir is either older than checksums (no older
+step has one: restored with a warning) or was committed by a run killed before sealing it (an
+older step has one: not trusted, the restore falls back). Retention never deletes the newest
+sealed step, so a few steps may briefly outlive `keep_last_n`.
+
+The directory may be a `gs://` or `s3://` URI (llamahome/store.py). Object storage has no
+rename, so Orbax writes a step in place and commits it with `commit_success.txt` written last;
+a step without it (a save killed mid-write) is never listed as a step and is deleted at the next
+start. Then the manifest seals it, as on disk. There is no checkpoint on object storage older
+than checksums, so there a step without a manifest is never restored (`strict`): the restore
+falls back to the newest sealed step, or starts fresh when there is none. `verify` reads the
+objects back (one listing for sizes, then each object's bytes for its sha256). `set_aside`
+copies a corrupt step under `rejected/` (server-side copies), then deletes it, markers first,
+so a half-deleted step is never taken for a committed one.
 
 Saves are asynchronous by default: the arrays are copied to host memory, then written in a
 background thread while training continues; `poll` (every step) reports a failed background
-save as a one-line CheckpointError naming the step, the cause and the newest good step. Orbax writes each step into a temporary folder
-and renames it when complete, so a process killed mid-write leaves a temporary folder that
-is never restored (and is deleted at the next start). Retention: the last `keep_last_n`
+save as a one-line CheckpointError naming the step, the cause and the newest good step. On
+local disk Orbax writes each step into a temporary folder and renames it when complete, so a
+process killed mid-write leaves a temporary folder that is never restored (and is deleted at
+the next start). Retention: the last `keep_last_n`
 steps, plus (with `save_best`) the step with the best `best_metric` (the lowest eval loss, or
 a downstream task metric such as "downstream/hellaswag/acc_norm", highest kept).
 
@@ -45,8 +57,8 @@ import json
 import logging as std_logging
 import os
 import re
+import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -55,6 +67,7 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from etils import epath
 
+from llamahome import store
 from llamahome.config.gin_config import binding_statements
 from llamahome.data.pipeline import ShardedIterator, as_sharded
 from llamahome.errors import CheckpointError, ConfigError
@@ -66,13 +79,16 @@ EVAL_LOSS = "eval_loss"
 MANIFEST = "llamahome_manifest.json"
 NO_MANIFEST = "has no checksum manifest"
 REJECTED_DIR = "rejected"  # corrupt steps set aside by a fallback, under the checkpoints dir
+COMMIT_FILE = "commit_success.txt"  # Orbax's commit marker of a step on object storage
 
 # Bindings a resume may change without train.resume_with_changed_config: how long the run goes
 # and how it reports, saves and finds its peers, not what it computes.
 RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
                      "train.progress_bar", "train.resume_with_changed_config",
                      "CheckpointConfig.*", "launch.run_dir", "launch.write_config",
-                     "CacheManager.root", "initialize.*", "Watchdog.*", "Profiler.*",
+                     "CacheManager.root", "cache_dir.path", "models_dir.path", "runs_dir.path",
+                     "RunDirSync.*", "remote_lock.*", "index_lease.*", "data_pipeline.build_wait_s",
+                     "initialize.*", "Watchdog.*", "Profiler.*",
                      "MetricsWriter.*", "Heartbeat.*", "train.downstream_*", "DownstreamConfig.*",
                      "build_optimizer.horizons")  # the schedule's record of extensions (optim.py)
 
@@ -194,7 +210,7 @@ def _policy(config: CheckpointConfig) -> ocp.checkpoint_managers.PreservationPol
     return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: store.AnyPath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -202,18 +218,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _step_files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+def _listing(step_dir: store.AnyPath) -> dict[str, tuple[int, str]]:
+    """`relative name -> (size, version)` of each file of a step (its manifest too); the version
+    (mtime, GCS generation, S3 ETag) changes when the file is rewritten. One listing request on
+    object storage."""
+    if not store.is_remote(step_dir):
+        return {p.relative_to(step_dir).as_posix(): (st.st_size, str(st.st_mtime_ns))
+                for p in sorted(step_dir.rglob("*")) if p.is_file() and (st := p.stat())}
+    fs, root = _forget_listings(step_dir)  # another process may have written or deleted since
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    files = {}
+    for name, info in sorted(found.items()):
+        rel = name[len(root) + 1:]
+        if info.get("type") == "file" and rel and not rel.endswith("/"):
+            files[rel] = (int(info["size"]), str(info.get("generation") or info.get("ETag")
+                                                  or info.get("mtime") or ""))
+    return files
 
 
-def write_manifest(step_dir: Path) -> None:
+def _forget_listings(path: store.AnyPath) -> tuple[Any, str]:
+    """(fsspec filesystem, its path) of a remote `path`, with the listings it cached under it
+    dropped: the filesystem epath itself uses (for gs://, not `fsspec.filesystem("gcs")`)."""
+    store.refresh(path)
+    return store.filesystem(path)
+
+
+def write_manifest(step_dir: store.AnyPath) -> None:
     """Seals a committed step: `MANIFEST` with the size and sha256 of each of its files."""
-    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _step_files(step_dir)}
+    files = {name: {"size": size, "sha256": _sha256(step_dir / name)}
+             for name, (size, _) in _listing(step_dir).items() if name != MANIFEST}
     write_text_atomic(step_dir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1))
 
 
-def verify(step_dir: Path) -> str | None:
+def verify(step_dir: store.AnyPath, listing: dict[str, tuple[int, str]] | None = None) -> str | None:
     """None when every file in `step_dir`'s manifest is intact, else what is wrong (NO_MANIFEST...)."""
     manifest = step_dir / MANIFEST
     if not manifest.exists():
@@ -222,14 +262,14 @@ def verify(step_dir: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return f"{MANIFEST} is corrupt ({e})"
+    present = _listing(step_dir) if listing is None else listing
     for name, want in files.items():
-        path = step_dir / name
-        if not path.is_file():
+        if name not in present:
             return f"{name} is missing"
-        size = path.stat().st_size
+        size = present[name][0]
         if size != want["size"]:
             return f"{name} is {size} bytes, {want['size']} when written (truncated or overwritten)"
-        if _sha256(path) != want["sha256"]:
+        if _sha256(step_dir / name) != want["sha256"]:
             return f"{name} does not match its sha256 checksum (garbled)"
     return None
 
@@ -263,7 +303,7 @@ def config_changes(saved: str, current: str) -> list[str]:
 class _KeepNewestSealed:
     """`policy`, but never deletes the newest sealed step (the newer may not be sealed yet)."""
 
-    directory: Path
+    directory: store.AnyPath
     policy: Any
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
@@ -301,12 +341,37 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
+class _Sealing:
+    """`seal(step)` in a daemon thread; `result()` joins it and raises what it raised."""
+
+    def __init__(self, seal: Callable[[int], None], step: int):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(seal, step), daemon=True,
+                                        name=f"llamahome-seal-{step}")
+        self._thread.start()
+
+    def _run(self, seal: Callable[[int], None], step: int) -> None:
+        try:
+            seal(step)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class Checkpointer:
     """Saves, seals, verifies and restores TrainState + data iterator + gin config; one per run dir."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig,
-                 on_commit: Callable[[Path], None] | None = None):
-        """`on_commit(step_dir)`: process 0 adds files to a committed step before sealing it."""
+    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig,
+                 on_commit: Callable[[store.AnyPath], None] | None = None):
+        """`directory`: a local path or a `gs://` / `s3://` URI. `on_commit(step_dir)`: process 0
+        adds files to a committed step before sealing it."""
         if config.keep_last_n < 1:
             raise CheckpointError(f"CheckpointConfig.keep_last_n={config.keep_last_n}: keep at least 1")
         if config.best_mode not in ("min", "max", "auto"):
@@ -315,8 +380,11 @@ class Checkpointer:
         _use_coordination_barriers()
         std_logging.getLogger("absl").addFilter(_QUIET_ORBAX)
         self.config, self.on_commit = config, on_commit
-        self.directory = Path(directory).absolute()
+        self.directory = store.resolve(directory)
+        # On object storage no step predates checksums: one without a manifest is never trusted.
+        self.strict = store.is_remote(self.directory)
         self._unsealed: int | None = None  # the step saved last, until committed and sealed
+        self._sealing: _Sealing | None = None  # process 0 sealing `_unsealed` in the background
         self._failed = False
         self._verified: dict[tuple, str | None] = {}
         # best_fn only makes Orbax write each step's metrics, so retention survives a restart.
@@ -348,7 +416,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> store.AnyPath:
         return self.directory / str(step)
 
     def save(self, step: int, state: Any, data_iter: Any = None, eval_loss: float | None = None,
@@ -372,43 +440,57 @@ class Checkpointer:
             self.wait()
 
     def poll(self) -> None:
-        """Seals the last save once its background write is done; a failed one raises CheckpointError."""
-        if self._unsealed is not None and not self._manager.is_saving_in_progress():
+        """Seals the last save once its background write is done, in another background thread
+        (sealing reads every file back: on object storage, a download); a failed save or seal
+        raises CheckpointError."""
+        if self._unsealed is None or self._manager.is_saving_in_progress():
+            return
+        if self._sealing is None and jax.process_index() == 0:
+            self._sealing = _Sealing(self._seal, self._unsealed)
+        if self._sealing is None or self._sealing.done():
             self.wait()
 
     def wait(self) -> None:
         """Blocks until the last save is committed and sealed; raises CheckpointError if it failed."""
         if self._unsealed is None:
             return
+        sealing, self._sealing = self._sealing, None
         try:
             self._manager.wait_until_finished()
-            if jax.process_index() == 0:
-                if self.on_commit is not None:
-                    self.on_commit(self.step_dir(self._unsealed))
-                write_manifest(self.step_dir(self._unsealed))
+            if sealing is not None:
+                sealing.result()
+            elif jax.process_index() == 0:
+                self._seal(self._unsealed)
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(e) from None
         self._unsealed = None
 
+    def _seal(self, step: int) -> None:
+        """Process 0, once Orbax committed `step`: its extra files (`on_commit`), then the manifest."""
+        if self.on_commit is not None:
+            self.on_commit(self.step_dir(step))
+        write_manifest(self.step_dir(step))
+
     def _save_failed(self, e: Exception) -> CheckpointError:
         step, self._unsealed, self._failed = self._unsealed, None, True
         good = self.newest_sealed_step()
-        kept = (f"the newest good checkpoint is step {good} in {self.directory}" if good is not None
-                else f"no earlier checkpoint is in {self.directory}")
+        where = store.show(self.directory)
+        kept = (f"the newest good checkpoint is step {good} in {where}" if good is not None
+                else f"no earlier checkpoint is in {where}")
         return CheckpointError(f"saving checkpoint step {step} failed: {_cause(e)}; {kept}. Fix the "
                                "cause (e.g. free disk space) and run the same command to resume")
 
     def verify(self, step: int) -> str | None:
         """None when `step`'s files match its manifest, else what is wrong (NO_MANIFEST if unsealed).
 
-        Remembered while no file of the step changes (name, size and mtime), so the job's look
-        at the resume step and the restore after it hash the files once.
+        Remembered while no file of the step changes (name, size and mtime or object version),
+        so the job's look at the resume step and the restore after it hash the files once.
         """
         step_dir = self.step_dir(step)
-        key = (step, tuple((p.relative_to(step_dir).as_posix(), st.st_size, st.st_mtime_ns)
-                           for p in sorted(step_dir.rglob("*")) if (st := p.stat()) and p.is_file()))
+        listing = _listing(step_dir)
+        key = (step, tuple(listing.items()))
         if key not in self._verified:
-            self._verified[key] = verify(self.step_dir(step))
+            self._verified[key] = verify(step_dir, listing)
         return self._verified[key]
 
     def config_changes(self, step: int) -> list[str]:
@@ -426,24 +508,40 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
             lines = str(e).strip().splitlines()
-            raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: "
+            raise CheckpointError(f"cannot restore {store.show(self.step_dir(step))}: {type(e).__name__}: "
                                   f"{lines[0][:300] if lines else ''}") from e
-        logging.info("restored step %d from %s", step, self.directory)
+        logging.info("restored step %d from %s", step, store.show(self.directory))
         return restored["state"]
 
-    def set_aside(self, steps: list[int]) -> Path:
-        """Moves `steps` (found corrupt) under `REJECTED_DIR`, so that new saves can take their numbers."""
+    def set_aside(self, steps: list[int]) -> store.AnyPath:
+        """Moves `steps` (found corrupt) under `REJECTED_DIR`, so that new saves can take their numbers.
+
+        On object storage a move is a copy then a delete (`_move_remote`).
+        """
         rejected = self.directory / REJECTED_DIR
         if jax.process_index() == 0:
-            rejected.mkdir(exist_ok=True)
+            rejected.mkdir(parents=True, exist_ok=True)
+            if self.strict:  # else Orbax takes rejected/ for an uncommitted step and deletes it
+                store.put(rejected / COMMIT_FILE, b"")
             for step in steps:
                 target = rejected / str(step)
                 suffix = 1
                 while target.exists():
                     suffix += 1
                     target = rejected / f"{step}-{suffix}"
-                self.step_dir(step).rename(target)
+                if self.strict:
+                    try:
+                        _move_remote(self.step_dir(step), target)
+                    except Exception as e:  # noqa: BLE001  (fsspec raises per-backend types)
+                        raise CheckpointError(
+                            f"cannot set aside corrupt step {step} of {store.show(self.directory)}"
+                            f" under {REJECTED_DIR}/: {store.describe_error(e)}; delete that "
+                            "step to resume from the one before it") from None
+                else:
+                    self.step_dir(step).rename(target)
         distributed.any_process(False)  # every process sees the moves before reloading
+        if self.strict:
+            _forget_listings(self.directory)
         self._manager.reload()
         self._verified.clear()
         return rejected
@@ -463,6 +561,22 @@ class Checkpointer:
             except Exception:  # noqa: BLE001  (the failure was reported once already)
                 if not self._failed:
                     raise
+
+
+def _move_remote(source: store.AnyPath, target: store.AnyPath) -> None:
+    """Copies the objects under `source` to `target` (server-side), then deletes `source`: its
+    manifest and commit marker first, so a delete cut short leaves an uncommitted step, which
+    Orbax deletes at the next start and never restores."""
+    names = list(_listing(source))
+    fs, src = _forget_listings(source)
+    dst = fs._strip_protocol(os.fspath(target)).rstrip("/")
+    for name in names:
+        fs.copy(f"{src}/{name}", f"{dst}/{name}")
+    logging.info("copied %s to %s; deleting the original", store.show(source), store.show(target))
+    names.sort(key=lambda n: n not in (MANIFEST, COMMIT_FILE))
+    for name in names:
+        fs.rm_file(f"{src}/{name}")
+    fs.invalidate_cache(src)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

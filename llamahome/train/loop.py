@@ -30,7 +30,9 @@ digest (adapter.json), and a resume on other base weights is refused.
 Resuming: the run dir's newest checkpoint that verifies is restored (auto-resume; corrupt
 newer steps are named, set aside, and the resume falls back past them); else the run starts
 fresh, or from the weights of `init_from`. SIGTERM or SIGINT mid-run saves a checkpoint and
-returns normally (status "preempted"); running the same command again continues from it.
+returns normally (status "preempted"); running the same command again continues from it. A run
+dir may be a `gs://` / `s3://` URI: its checkpoints are then written and restored in the bucket
+(train/checkpoint.py), where only sealed steps are resumed.
 
 Multi-process (one process per host, llamahome/parallel/distributed.py): every process runs
 this same function. Each reads its data shards, takes part in every step, eval and checkpoint
@@ -55,6 +57,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
+from llamahome import store
 from llamahome.cache import CacheManager
 from llamahome.data.pipeline import PipelineConfig, data_pipeline, make_data_iterator, open_shards
 from llamahome.data.tokenizer import load_tokenizer, save_run_tokenizer
@@ -131,7 +134,7 @@ def train(run_dir: str, *, steps: int = 1000, batch_size: int = 8, seq_len: int 
     # --- State: restored, loaded from init_from, or fresh; born sharded. A LoRA run loads its
     # frozen base from init_from instead; its steps record (and resumes check) the base's hash.
     abstract_state, shardings = step_lib.state_shardings(shapes, param_specs, tx, mesh, rules)
-    logging.info("%s: %s, %d params, mesh %s", run.path, describe_restore(ckpt, init_from, lora),
+    logging.info("%s: %s, %d params, mesh %s", store.show(run), describe_restore(ckpt, init_from, lora),
                  config.num_params(), dict(mesh.shape))
     resolved = init_from and resolve_model_path(init_from, run_dir)
     base = lora and _frozen_base(ckpt, abstract_state, config, lora, init_from, resolved, mesh,
@@ -413,7 +416,7 @@ class StepReporter:
         step = self.ckpt.latest_step()
         if step is None:
             return "No checkpoint has been saved yet."
-        return f"The last checkpoint is step {step} in {self.ckpt.directory}."
+        return f"The last checkpoint is step {step} in {store.show(self.ckpt.directory)}."
 
 
 class PreemptionSignal:
@@ -454,8 +457,10 @@ def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, dat
     `check_step(step_dir)`: another reason a step is not usable (or raises to refuse it outright).
     """
     if ckpt.all_steps():
-        return restore_newest_good(ckpt, abstract_like(abstract_state, shardings), data_iter,
-                                   resume_with_changed_config, check_step)
+        state = restore_newest_good(ckpt, abstract_like(abstract_state, shardings), data_iter,
+                                    resume_with_changed_config, check_step)
+        if state is not None:
+            return state
     if init_from:
         params = load_params(init_from, shardings.params)
         make = lambda p: init_train_state(p, optimizer, seed)  # noqa: E731
@@ -466,11 +471,14 @@ def restore_or_init(ckpt: Checkpointer, abstract_state: Any, shardings: Any, dat
 
 def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
                         resume_with_changed_config: bool,
-                        check_step: Callable[[Path], str | None] | None = None) -> TrainState:
+                        check_step: Callable[[Path], str | None] | None = None) -> TrainState | None:
     """Restores the newest step that verifies and reads; names each newer one and why it was skipped.
 
-    A step without a manifest is trusted (with a warning) only when no older step has one: it
-    predates checksums. After a sealed step, it is a step the run died before sealing.
+    A step without a manifest in a local dir is trusted (with a warning) only when no older step
+    has one: it predates checksums. After a sealed step, it is a step the run died before
+    sealing. On object storage (`ckpt.strict`) an unsealed step is never trusted; when no step
+    there is sealed, they are set aside and None says "start fresh", as after a save killed
+    before its commit marker.
     """
     problems: dict[int, str] = {}
     for step in reversed(ckpt.all_steps()):
@@ -493,18 +501,28 @@ def restore_newest_good(ckpt: Checkpointer, abstract_state: Any, data_iter: Any,
         if problems:
             rejected = ckpt.set_aside(sorted(problems))
             logging.warning("falling back to checkpoint step %d, the newest that verifies (set aside "
-                            "step %s in %s)", step, ", ".join(map(str, sorted(problems))), rejected)
+                            "step %s in %s)", step, ", ".join(map(str, sorted(problems))),
+                            store.show(rejected))
         return state
+    if ckpt.strict and all(p.startswith(NO_MANIFEST) for p in problems.values()):
+        rejected = ckpt.set_aside(sorted(problems))
+        logging.warning("no checkpoint in %s was sealed (set aside step %s in %s): starting fresh",
+                        store.show(ckpt.directory), ", ".join(map(str, sorted(problems))),
+                        store.show(rejected))
+        return None
     listed = "; ".join(f"step {s}: {p}" for s, p in problems.items())
-    raise CheckpointError(f"no checkpoint in {ckpt.directory} verifies ({listed}). Move the corrupt "
+    raise CheckpointError(f"no checkpoint in {store.show(ckpt.directory)} verifies ({listed}). Move the corrupt "
                           "steps away to start over, or use a new run dir")
 
 
 def step_problem(ckpt: Checkpointer, step: int) -> str | None:
-    """What makes `step` untrustworthy, or None; an unsealed step is trusted only before any sealed one."""
+    """What makes `step` untrustworthy, or None; an unsealed local step is trusted only before
+    any sealed one, an unsealed step on object storage never."""
     problem = ckpt.verify(step)
     if problem != NO_MANIFEST:
         return problem
+    if ckpt.strict:
+        return f"{NO_MANIFEST}: its save did not finish (on object storage a step counts once sealed)"
     if any(ckpt.is_sealed(s) for s in ckpt.all_steps() if s < step):
         return f"{NO_MANIFEST}: the run stopped before checking it"
     return None  # written before checksums: restored with a warning
@@ -523,7 +541,7 @@ def _check_config(ckpt: Checkpointer, step: int, resume_with_changed_config: boo
     listed = "; ".join(changes)
     if not resume_with_changed_config:
         raise ConfigError(f"the gin config differs from the one checkpoint step {step} in "
-                          f"{ckpt.directory} was saved with: {listed}. Use a new run dir, or set "
+                          f"{store.show(ckpt.directory)} was saved with: {listed}. Use a new run dir, or set "
                           "train.resume_with_changed_config=True to resume with the new settings")
     logging.warning("resuming step %d with a changed config: %s", step, listed)
 
