@@ -16,6 +16,12 @@ Sources:
   No token is ever sent to a URL; the query string and credentials of a URL are not recorded.
 - a local file or directory — copied (hashing as it goes); used by `models action=register`
   for a fine-tune exported from a run, registered as a new version of its base model.
+- `gs://bucket/dir`, `s3://bucket/dir` — an object storage folder (store.py), copied to local
+  staging (`store.download_dir`), then handled as a local directory.
+
+The models dir itself may be a `gs://` / `s3://` URI: then staging is on local disk
+(`files.local_cache_dir()/model-staging/`) and the registry uploads the verified folder
+(registry.py).
 
 The online Hub path (what the tests cannot run: they use an offline cache layout):
 
@@ -44,6 +50,7 @@ import http.client
 import os
 import re
 import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -54,9 +61,9 @@ from pathlib import Path
 from absl import logging
 from tqdm import tqdm
 
-from llamahome import secrets
+from llamahome import secrets, store
 from llamahome.errors import CheckpointError, ConfigError, DataError, UserError
-from llamahome.files import dir_size, models_dir
+from llamahome.files import dir_size, local_cache_dir, models_dir
 from llamahome.hub import storage
 from llamahome.hub.registry import (CHUNK_BYTES, STAGING, FileEntry, ModelVersion, Registry,
                                     check_name, sha256_file)
@@ -261,6 +268,15 @@ def fetch_local(path: Path, staging: Path, *, allow_patterns: Sequence[str] | No
     return {n: copy_hashed(src, safe_join(staging, n)) for n, src in sources.items()}
 
 
+def fetch_store(uri: str, staging: Path, *, allow_patterns: Sequence[str] | None,
+                room: Room) -> dict[str, FileEntry]:
+    """Copies the matching objects under a `gs://` / `s3://` folder into `staging`."""
+    store.check_access(uri, write=False)
+    with tempfile.TemporaryDirectory(prefix="llamahome-fetch-") as tmp:
+        local = store.download_dir(uri, Path(tmp) / "source")
+        return fetch_local(local, staging, allow_patterns=allow_patterns, room=room)
+
+
 def verify_hub_blob(name: str, blob: Path, entry: FileEntry) -> None:
     """Checks a file from the Hub cache against its blob name (the Hub's hash of its content)."""
     if _HEX64.match(blob.name):
@@ -320,7 +336,7 @@ def fetch_hf(repo_id: str, staging: Path, *, revision: str | None,
 # -- putting it together ------------------------------------------------------------------
 
 def parse_source(source: str) -> tuple[str, str]:
-    """('hf', 'org/name') | ('http', url) | ('local', path) for a download source string."""
+    """('hf', 'org/name') | ('http', url) | ('store', uri) | ('local', path) for a source."""
     if source.startswith("hf://"):
         repo_id = source[len("hf://"):].strip("/")
         if repo_id.count("/") > 1 or not repo_id:
@@ -329,9 +345,11 @@ def parse_source(source: str) -> tuple[str, str]:
     scheme = urllib.parse.urlsplit(source).scheme
     if scheme in ("http", "https"):
         return "http", source
+    if store.is_remote(source):
+        return "store", source.rstrip("/")
     if scheme and len(scheme) > 1:
         raise ConfigError(f"source {public_url(source)!r}: scheme {scheme!r} is not supported; "
-                          "use hf://org/name, http(s)://... or a local path")
+                          "use hf://org/name, http(s)://, gs://, s3:// or a local path")
     path = Path(source).expanduser()
     if not path.exists():
         looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+", source)
@@ -349,11 +367,16 @@ def default_name(kind: str, where: str) -> str:
         segments = [s for s in parts.path.split("/") if s]
         tail = segments[-1].split(".")[0] if segments else parts.hostname or ""
     else:
-        tail = Path(where).name.split(".")[0]
+        tail = store.as_path(where).name.split(".")[0]
     return re.sub(r"[^A-Za-z0-9._-]", "-", tail).lstrip("._-") or "model"
 
 
 def _staging_dir(registry: Registry, *key: object) -> Path:
+    """Where a download lands before it is registered: beside the versions (one rename into
+    place), or on local disk when the models dir is on object storage."""
+    if store.is_remote(registry.root):
+        digest = hashlib.sha256(repr((os.fspath(registry.root), *key)).encode()).hexdigest()
+        return local_cache_dir() / "model-staging" / digest[:16]
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
     return registry.root / STAGING / digest
 
@@ -364,11 +387,16 @@ def install(source: str, *, name: str | None = None, revision: str | None = None
             cache_dir: str | None = None, local_files_only: bool = False,
             parent: str | None = None, registry: Registry | None = None,
             budget: storage.StorageBudget | None = None, progress: bool = True,
-            retries: int = 5, backoff_s: float = 1.0) -> ModelVersion:
-    """Fetches `source`, verifies it and registers it as a new version; returns that version."""
+            retries: int = 5, backoff_s: float = 1.0,
+            recorded_source: str | None = None) -> ModelVersion:
+    """Fetches `source`, verifies it and registers it as a new version; returns that version.
+
+    `recorded_source` is recorded instead of `source` (a local copy of an upload: its URI)."""
     registry = registry or Registry(models_dir())
+    if store.is_remote(registry.root):  # refused before anything is fetched
+        store.check_access(os.fspath(registry.root))
     kind, where = parse_source(source)
-    label = public_url(where) if kind == "http" else source  # never a URL's query or password
+    label = public_url(where) if kind == "http" else store.show(source)  # never a password
     if files and kind != "http":
         raise ConfigError("download_model.files lists files under an http(s) base URL; for "
                           f"{kind} sources select files with download_model.allow_patterns")
@@ -391,7 +419,8 @@ def install(source: str, *, name: str | None = None, revision: str | None = None
     def room(incoming: int) -> None:
         storage.ensure_room(registry, max(incoming - staged_bytes, 0), budget)
 
-    recorded_source, recorded_revision = where, revision
+    recorded_revision = revision
+    recorded_source = recorded_source or (store.show(where) if kind == "store" else where)
     try:
         if kind == "hf":
             allow = allow_patterns or DEFAULT_ALLOW_PATTERNS
@@ -407,6 +436,8 @@ def install(source: str, *, name: str | None = None, revision: str | None = None
             entries = fetch_http(where, staging, files=files, sha256=sha256, room=room,
                                  progress=progress, retries=retries, backoff_s=backoff_s)
             recorded_source = public_url(where)
+        elif kind == "store":
+            entries = fetch_store(where, staging, allow_patterns=allow_patterns, room=room)
         else:
             entries = fetch_local(Path(where), staging, allow_patterns=allow_patterns, room=room)
         for file_name, entry in entries.items():

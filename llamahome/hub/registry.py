@@ -20,6 +20,11 @@ never removed or evicted, and pinned versions are only removed after `unpin`.
 
 Every file name read from the manifest goes through `security.safe_join`, so a manifest that
 names `../../etc/passwd` is refused before anything is read or deleted.
+
+The models dir may be on object storage (`models_dir.path = 's3://bucket/models'`, see
+store.py): downloads are staged on local disk, uploaded into `<name>/v<N>/` and only then
+entered in the manifest (edited under `files.locked_json`'s lock), so a version is in the
+registry only once all its files are; files a crash left without an entry are replaced.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import gin
 
+from llamahome import store
 from llamahome.errors import CheckpointError, ConfigError, UserError, did_you_mean
 from llamahome.files import RunDir, locked_json, models_dir
 from llamahome.hub.security import safe_join
@@ -103,10 +109,10 @@ class ModelVersion:
         return cls(**values)
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
+def sha256_file(path: store.AnyPath) -> str:
+    """The hex sha256 of a file's bytes (a local file or an object)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
@@ -155,8 +161,8 @@ def run_is_active(run_dir: str, now: float | None = None) -> bool:
 class Registry:
     """The versions of models kept under `root`; every change is one locked manifest update."""
 
-    def __init__(self, root: Path | str):
-        self.root = Path(root).expanduser()
+    def __init__(self, root: store.AnyPath | str):
+        self.root = store.as_path(root)
 
     # -- reading ------------------------------------------------------------------------
     def versions(self) -> list[ModelVersion]:
@@ -212,7 +218,10 @@ class Registry:
         bad = []
         for name, entry in version.files.items():
             path = safe_join(directory, name)
-            if not path.is_file() or sha256_file(path) != entry.sha256:
+            try:
+                if not path.is_file() or sha256_file(path) != entry.sha256:
+                    bad.append(name)
+            except FileNotFoundError:
                 bad.append(name)
         return bad
 
@@ -241,9 +250,13 @@ class Registry:
             self._check(version)
             target = self.version_dir(version)
             if target.exists():  # an orphan left by a crash between manifest and files
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, target)
+                _rmtree(target)
+            if store.is_remote(target):  # the manifest entry, written after, marks it whole
+                store.upload_dir(staged, target)
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, target)
             versions.append(version)
         return version
 
@@ -256,7 +269,8 @@ class Registry:
 
     def record_use(self, ref: str, run_dir: str) -> ModelVersion:
         """Notes that `run_dir` uses `ref` and marks it recently used (for LRU eviction)."""
-        run = str(Path(run_dir).expanduser().resolve())
+        run = os.fspath(store.resolve(run_dir) if store.is_remote(run_dir)
+                        else Path(run_dir).expanduser().resolve())
         with self._locked() as versions:
             old = self._find(versions, ref)
             runs = old.runs if run in old.runs else (*old.runs, run)
@@ -282,9 +296,10 @@ class Registry:
                                 "(models.action='remove')")
             directory = self.version_dir(version)
             versions.remove(version)
-        shutil.rmtree(directory, ignore_errors=True)  # after the manifest: never a dangling entry
-        with contextlib.suppress(OSError):
-            directory.parent.rmdir()  # the model's folder, once its last version is gone
+        _rmtree(directory)  # after the manifest: never a dangling entry
+        if not store.is_remote(directory):  # object storage has no empty folders to remove
+            with contextlib.suppress(OSError):
+                directory.parent.rmdir()  # the model's folder, once its last version is gone
         return version.size
 
     # -- internals ----------------------------------------------------------------------
@@ -315,6 +330,21 @@ class Registry:
             yield versions
             manifest.clear()
             manifest.update(format=FORMAT, versions=[v.to_json() for v in versions])
+
+
+def _rmtree(directory: store.AnyPath) -> None:
+    """Deletes a version's folder, local or on object storage; a missing one is no error."""
+    if not store.is_remote(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    try:
+        if directory.exists():
+            directory.rmtree()
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        raise store.StorageError(f"cannot delete {store.show(directory)}: "
+                                 f"{store.describe_error(e)}") from None
 
 
 def use_model(ref: str, run_dir: str, root: Path | str | None = None) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from absl import logging
 
+from llamahome import store
 from llamahome.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
@@ -30,7 +31,12 @@ class UnsafePathError(UserError):
 
 
 def safe_join(base: Path | str, name: str | os.PathLike) -> Path:
-    """`base / name` resolved, or UnsafePathError if it is absolute or leaves `base`."""
+    """`base / name` resolved, or UnsafePathError if it is absolute or leaves `base`.
+
+    Under a `gs://` / `s3://` base (no symlinks, no `..` resolution) the check is on the name's
+    parts: no `..`, `.` or empty part."""
+    if store.is_remote(base):
+        return _safe_join_remote(base, os.fspath(name))
     base_path = Path(base).resolve()
     text = os.fspath(name)
     if not text or "\x00" in text or Path(text).is_absolute():
@@ -41,6 +47,15 @@ def safe_join(base: Path | str, name: str | os.PathLike) -> Path:
                               f"{base_path}; file names must stay inside their base directory "
                               "(no '..', no symlinks out)")
     return joined
+
+
+def _safe_join_remote(base, text: str):
+    parts = text.split("/")
+    if not text or "\x00" in text or text.startswith("/") or any(
+            p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"refusing path {text!r}: must be a relative path inside "
+                              f"{store.show(base)} (no '..', '.' or empty parts)")
+    return store.as_path(base) / text
 
 
 def is_pickle_file(name: str) -> bool:

@@ -10,6 +10,9 @@ checkpoints under `files.runs_dir()` when `count_checkpoints`) would hold afterw
   removed least recently used first until the download fits;
 - still over budget: with `hard_limit = True` the download is refused, otherwise it goes on.
 
+On object storage (a `gs://` / `s3://` models dir) usage is the sum of the registered
+versions' sizes, and the free-disk check is of the local staging folder's disk.
+
 Pinned versions and versions used by a running run are never evicted. Checkpoints count
 toward usage but are never deleted here (the training job's `keep_last_n` owns them). A
 download that would not fit on the disk at all is always refused.
@@ -28,7 +31,8 @@ from pathlib import Path
 import gin
 from absl import logging
 
-from llamahome.files import RunDir, dir_size, runs_dir
+from llamahome import store
+from llamahome.files import RunDir, dir_size, local_cache_dir, runs_dir
 from llamahome.errors import UserError
 from llamahome.hub.registry import ModelVersion, Registry
 
@@ -45,15 +49,18 @@ class StorageBudget:
 
 
 def checkpoints_size(runs: Path) -> int:
-    """Bytes of every run's `checkpoints/` folder under the runs dir `runs`."""
-    if not runs.is_dir():
+    """Bytes of every run's `checkpoints/` folder under the (local) runs dir `runs`."""
+    if store.is_remote(runs) or not runs.is_dir():  # a bucket's bytes are not this disk's
         return 0
     return sum(dir_size(c) for c in runs.glob(f"*/{RunDir.CHECKPOINTS_DIR}") if c.is_dir())
 
 
 def usage(registry: Registry, budget: StorageBudget) -> int:
     """Bytes counted against the budget now."""
-    used = dir_size(registry.root) if registry.root.is_dir() else 0
+    if store.is_remote(registry.root):
+        used = sum(v.size for v in registry.versions())
+    else:
+        used = dir_size(registry.root) if registry.root.is_dir() else 0
     if budget.count_checkpoints:
         used += checkpoints_size(runs_dir())
     return used
@@ -115,6 +122,8 @@ def ensure_room(registry: Registry, incoming_bytes: int,
 
 
 def _check_free_disk(root: Path, incoming_bytes: int) -> None:
+    if store.is_remote(root):  # the bytes land in local staging first (download.py)
+        root = local_cache_dir()
     existing = root
     while not existing.exists():
         existing = existing.parent

@@ -33,6 +33,7 @@ from absl import logging
 
 from llamahome import net, secrets
 from llamahome.cache import CacheManager
+from llamahome import store
 from llamahome.config.gin_config import binding_statements, gin_bindings
 from llamahome.data.pipeline import data_pipeline, make_data_iterator
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer, tokenizer_from_spec
@@ -56,9 +57,9 @@ DEFAULT_SEQ_LEN = 256
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a file: JSONL lines with "prompt" or "messages", or plain text, one per line."""
-    path = Path(path).expanduser()
+    path = store.as_path(path)
     if not path.is_file():
-        raise DataError(f"prompts file {path} does not exist")
+        raise DataError(f"prompts file {store.show(path)} does not exist")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
@@ -69,13 +70,13 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e})") from None
+            raise DataError(f"{store.show(path)}:{number}: not valid JSON ({e})") from None
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
             prompts.append(record["messages"])
         else:
-            raise DataError(f"{path}:{number}: expected an object with a \"prompt\" string or a "
+            raise DataError(f"{store.show(path)}:{number}: expected an object with a \"prompt\" string or a "
                             "\"messages\" list of {\"role\", \"content\"}")
     return prompts
 
@@ -270,7 +271,7 @@ def served_name(checkpoint: str) -> str:
     """The default `model` name clients send: a registry ref's name@N, else the folder's name."""
     if checkpoint.startswith("model:"):
         return checkpoint[len("model:"):]
-    return Path(checkpoint).expanduser().absolute().name
+    return store.resolve(checkpoint).name
 
 
 @job

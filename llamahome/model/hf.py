@@ -17,6 +17,11 @@ A directory holds `config.json` and the weights as `model.safetensors` or sharde
 layout as attention.py, so weights are only transposed and reshaped, never permuted. Both the
 transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) config keys are read
 and written. Errors name the key or tensor at fault.
+
+Either directory may be on object storage (`gs://`, `s3://`, see store.py): a remote HF dir is
+read from a local copy (`store.download_dir`; safetensors memory-maps local files), and a
+remote output is written to a local folder, then uploaded with `config.json` last, so an
+upload cut short is never a folder transformers or LlamaHome take for a model.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llamahome import store
 from llamahome.errors import CheckpointError, UserError
 from llamahome.model.attention import inverse_frequencies
 from llamahome.model.llama import LlamaConfig
@@ -312,24 +319,36 @@ def _load_pickle(paths: list[Path]) -> dict[str, np.ndarray]:
 def read_hf_config(hf_dir: str | os.PathLike, name: str | None = None,
                    **overrides: Any) -> LlamaConfig:
     """The LlamaConfig of an HF directory's config.json (named after the directory by default)."""
-    hf_dir = Path(hf_dir).expanduser()
+    hf_dir = store.as_path(hf_dir)
     hf_config = read_json(hf_dir / "config.json", "a Hugging Face model directory")
     return config_from_hf(hf_config, name=name or hf_dir.name, **overrides)
 
 
-def read_json(path: Path, folder_kind: str) -> Any:
+def read_json(path: store.AnyPath, folder_kind: str) -> Any:
     """A model folder's JSON file; CheckpointError naming the folder when missing or malformed."""
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent} is not {folder_kind}: no {path.name}")
     try:
-        return json.loads(path.read_text())
+        if not path.is_file():
+            raise CheckpointError(f"{store.show(path.parent)} is not {folder_kind}: "
+                                  f"no {path.name}")
+        text = path.read_text()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a bucket that is missing, denied or unreachable
+        if not store.is_remote(path):
+            raise
+        raise store.StorageError(f"cannot read {store.show(path)}: "
+                                 f"{store.describe_error(e)}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{store.show(path)} is not valid JSON: {e}") from None
 
 
 def load_hf_checkpoint(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
                        **overrides: Any) -> tuple[LlamaConfig, dict]:
-    """(config, params) of a local HF Llama directory; params are host numpy arrays."""
+    """(config, params) of an HF Llama directory (local or a URI); params are host numpy."""
+    if store.is_remote(hf_dir):
+        return _load_remote(str(hf_dir), allow_pickle=allow_pickle, **overrides)
     hf_dir = Path(hf_dir).expanduser()
     config = read_hf_config(hf_dir, **overrides)
     reader = _TensorReader(hf_dir, allow_pickle)
@@ -375,6 +394,19 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, allow_pickle: bool = False,
     return config, params
 
 
+def _load_remote(uri: str, **kwargs: Any) -> tuple[LlamaConfig, dict]:
+    """`load_hf_checkpoint` of a `gs://` / `s3://` HF dir, through a local copy of it."""
+    name = store.as_path(uri).name
+    store.check_access(uri, write=False)
+    read_hf_config(uri)  # no config.json (or no bucket): refused before any weights are copied
+    with tempfile.TemporaryDirectory(prefix="llamahome-hf-") as tmp:
+        local = store.download_dir(uri, Path(tmp) / name)
+        try:
+            return load_hf_checkpoint(local, **kwargs)
+        except CheckpointError as e:  # name the URI, not the temporary copy
+            raise type(e)(str(e).replace(str(local), store.show(uri))) from None
+
+
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in name.split(".")]
 
@@ -404,14 +436,15 @@ def save_hf_checkpoint(hf_dir: str | os.PathLike, config: LlamaConfig, params: d
                        dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes `params` as an HF Llama directory (config.json + safetensors, sharded if large).
 
-    The directory is written under a temporary name and renamed into place, so a killed
-    export never leaves a half-written model behind; an existing non-empty `hf_dir` is refused.
+    The directory is written under a temporary name and renamed into place (on object storage:
+    uploaded with config.json last), so a killed export never leaves a half-written model
+    behind; an existing non-empty `hf_dir` is refused.
     """
     tensors = hf_tensors(config, params, dtype)
     shards = _shard(tensors, max_shard_bytes)
     with new_dir(hf_dir) as tmp:
         _write_hf_dir(tmp, config, tensors, shards, dtype)
-    return Path(hf_dir).expanduser()
+    return store.as_path(hf_dir)
 
 
 def _write_hf_dir(tmp: Path, config: LlamaConfig, tensors: dict[str, np.ndarray],
@@ -434,12 +467,18 @@ def _write_hf_dir(tmp: Path, config: LlamaConfig, tensors: dict[str, np.ndarray]
 
 
 @contextlib.contextmanager
-def new_dir(out: str | os.PathLike) -> Iterator[Path]:
+def new_dir(out: str | os.PathLike, last: tuple[str, ...] = ("config.json",)) -> Iterator[Path]:
     """A temporary folder beside `out`, renamed to `out` when the block succeeds.
 
     A killed or failed write never leaves a half-written directory at `out`; an existing
-    non-empty `out` is refused before anything is written.
+    non-empty `out` is refused before anything is written. For a `gs://` / `s3://` `out` the
+    folder is local and uploaded when the block succeeds, the files named in `last` (what
+    makes the folder a model for its readers) after all others.
     """
+    if store.is_remote(out):
+        with _new_remote_dir(str(out), last) as tmp:
+            yield tmp
+        return
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} already exists and is not empty; choose another "
@@ -455,6 +494,24 @@ def new_dir(out: str | os.PathLike) -> Iterator[Path]:
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+
+
+def refuse_nonempty(out: str | os.PathLike) -> None:
+    """CheckpointError if the folder `out` (local or a URI) already holds files."""
+    where = store.as_path(out)
+    if where.is_dir() and any(where.iterdir()):
+        raise CheckpointError(f"{store.show(out)} already exists and is not empty (an upload "
+                              "cut short leaves files without config.json); choose another "
+                              "output directory or remove it")
+
+
+@contextlib.contextmanager
+def _new_remote_dir(out: str, last: tuple[str, ...]) -> Iterator[Path]:
+    store.check_access(out)
+    refuse_nonempty(out)
+    with tempfile.TemporaryDirectory(prefix="llamahome-out-") as tmp:
+        yield Path(tmp)
+        store.upload_dir(tmp, out, last=last)
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

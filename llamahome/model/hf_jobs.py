@@ -27,18 +27,29 @@ an HF dir) into <output_dir> (default <models_dir>/<adapter dir name>): the adap
 form, adapter.json (the base's path, step and content digest, verified whenever the adapter
 is loaded) and the base's tokenizer files. With `register_as` it becomes a registry version
 whose parent is the base (when the base is a registry ref).
+
+Every directory here may be a `gs://` or `s3://` URI (store.py). A remote output is checked
+for write access (`store.check_access`) before anything is read or written, and is made whole
+by the file its readers look for, written last: an import's model.gin (after params/ and the
+tokenizer files; an import without it is refused, not loaded), an export's config.json or an
+adapter's adapter.json then adapter_config.json (the export is written to a local folder and
+uploaded, those last).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import gin
 from absl import logging
 
+from llamahome import store
 from llamahome.data.tokenizer import TOKENIZER_FILES, TokenizerSpec, tokenizer_from_spec
 from llamahome.errors import CheckpointError
 from llamahome.files import models_dir
@@ -59,24 +70,48 @@ from llamahome.model.llama import DTYPES, LlamaConfig, architecture_gin
 @job
 def import_hf(run_dir: str, hf_dir: str = gin.REQUIRED, output_dir: str | None = None,
               param_dtype: str = "float32", allow_pickle: bool = False) -> str:
-    """Converts a local HF Llama directory into <output_dir>/{params,model.gin}; returns output_dir."""
+    """Converts an HF Llama directory into <output_dir>/{params,model.gin}; returns output_dir."""
+    if store.is_remote(hf_dir):
+        store.check_access(hf_dir, write=False)
+    out = store.as_path(output_dir) if output_dir else models_dir() / hf.read_hf_config(hf_dir).name
+    _check_import_output(out)
     config, params = hf.load_hf_checkpoint(hf_dir, allow_pickle=allow_pickle,
                                            param_dtype=param_dtype)
-    out = Path(output_dir).expanduser() if output_dir else models_dir() / config.name
-    params_io.save_params(out / PARAMS_SUBDIR, params)
-    copied = _copy_tokenizer(Path(hf_dir).expanduser(), out)
+    params_io.save_params(os.fspath(out / PARAMS_SUBDIR), params)
+    copied = _copy_tokenizer(store.as_path(hf_dir), out)
     if not any(name in copied for name in TOKENIZER_FILES[:2]):
         logging.warning("%s holds no tokenizer.json or tokenizer.model; generate and evaluate on "
-                        "the import will need a tokenizer flag", hf_dir)
-    (out / MODEL_GIN).write_text(f"# Imported from {Path(hf_dir).expanduser().absolute()}\n"
-                                 + architecture_gin(config))
-    logging.info("imported %s (%s, %d parameters) into %s", hf_dir, config.name,
-                 config.num_params(), out)
-    return str(out)
+                        "the import will need a tokenizer flag", store.show(hf_dir))
+    # model.gin last: it is what makes the folder a finished import (see _check_import_output).
+    _write(out / MODEL_GIN, (f"# Imported from {store.show(store.resolve(hf_dir))}\n"
+                             + architecture_gin(config)).encode())
+    logging.info("imported %s (%s, %d parameters) into %s", store.show(hf_dir), config.name,
+                 config.num_params(), store.show(out))
+    return os.fspath(out)
 
 
-def _copy_tokenizer(source: Path, out: Path) -> list[str]:
+def _check_import_output(out: store.AnyPath) -> None:
+    """Refuses an output dir that cannot be written, or that holds an import (whole or cut
+    short: params/ without the model.gin written last) before anything is written."""
+    store.check_access(os.fspath(out))
+    if (out / PARAMS_SUBDIR).exists():
+        state = "a finished import" if (out / MODEL_GIN).is_file() else (
+            "an unfinished import (params/ but no model.gin: it was cut short)")
+        raise CheckpointError(f"{store.show(out)} already holds {state}; choose another "
+                              "import_hf.output_dir or remove it")
+
+
+def _write(path: store.AnyPath, data: bytes) -> None:
+    """One whole file: a local write, or one PUT (store.put) for an object."""
+    if store.is_remote(path):
+        store.put(path, data)
+    else:
+        Path(path).write_bytes(data)
+
+
+def _copy_tokenizer(source: store.AnyPath, out: store.AnyPath) -> list[str]:
     """Copies the tokenizer files of `source` (a folder, or a tokenizer file) into `out`."""
+    source = store.as_path(source)
     folder = source if source.is_dir() else source.parent
     files = [folder / name for name in TOKENIZER_FILES]
     if source.is_file():  # a tokenizer file under another name
@@ -86,7 +121,7 @@ def _copy_tokenizer(source: Path, out: Path) -> list[str]:
         if file.is_file():
             name = file.name if file.name in TOKENIZER_FILES else (
                 "tokenizer.json" if file.suffix == ".json" else "tokenizer.model")
-            shutil.copy2(file, out / name)
+            _write(out / name, file.read_bytes())
             copied.append(name)
     return copied
 
@@ -129,23 +164,48 @@ def export_hf(run_dir: str, checkpoint: str = gin.REQUIRED, output_dir: str = gi
 
     With `register_as`, the export becomes a new version in the model registry, recorded as a
     fine-tune of `parent` (a registry ref such as 'llama3_2_1b@1') when given; an adapter's
-    parent defaults to its base when that is a registry version.
+    parent defaults to its base when that is a registry version. A `gs://` / `s3://`
+    output_dir is written locally, then uploaded with the file that makes it a model last.
     """
+    if store.is_remote(output_dir):  # refused before the model is read
+        store.check_access(output_dir)
+        hf.refuse_nonempty(output_dir)
     model = load_model(resolve_model_path(checkpoint, run_dir), step=step, config=LlamaConfig())
     np_dtype = DTYPES[dtype] if dtype else None
-    if model.lora is not None and not merged:
-        out = _write_adapter(output_dir, model, model.adapter_meta, np_dtype)
-    else:
-        params = model.params
-        if model.lora is not None:
-            params = lora.merge(model.params, model.adapters, model.lora)
-        out = hf.save_hf_checkpoint(output_dir, model.config, params, dtype=np_dtype)
-        _add_tokenizer(out, model, checkpoint)
-    logging.info("exported %s to %s%s", describe(model), out,
+    with _staged(output_dir) as out:
+        if model.lora is not None and not merged:
+            _write_adapter(out, model, model.adapter_meta, np_dtype)
+        else:
+            params = model.params
+            if model.lora is not None:
+                params = lora.merge(model.params, model.adapters, model.lora)
+            hf.save_hf_checkpoint(out, model.config, params, dtype=np_dtype)
+            _add_tokenizer(out, model, checkpoint)
+        if register_as:
+            _register(out, register_as, parent or (None if merged else _base_parent(model)),
+                      source=store.show(output_dir) if store.is_remote(output_dir) else None)
+    logging.info("exported %s to %s%s", describe(model), store.show(output_dir),
                  " (adapters merged)" if model.lora is not None and merged else "")
-    if register_as:
-        _register(out, register_as, parent or (None if merged else _base_parent(model)))
-    return str(out)
+    return os.fspath(store.as_path(output_dir))
+
+
+# The files that make a folder a model for its readers, uploaded last: a PEFT adapter's
+# adapter.json then adapter_config.json (checkpoints.resolve and PEFT look for it), an HF
+# dir's config.json.
+MARKERS = ("adapter.json", "adapter_config.json", "config.json")
+
+
+@contextlib.contextmanager
+def _staged(output_dir: str) -> Iterator[Path]:
+    """`output_dir` itself when local; for a URI, a local folder uploaded there (MARKERS last)
+    when the block succeeds."""
+    if not store.is_remote(output_dir):
+        yield Path(output_dir).expanduser()
+        return
+    with tempfile.TemporaryDirectory(prefix="llamahome-export-") as tmp:
+        local = Path(tmp) / store.as_path(output_dir).name
+        yield local
+        store.upload_dir(local, output_dir, last=MARKERS)
 
 
 def _add_tokenizer(out: Path, model: LoadedModel, checkpoint: str) -> None:
@@ -153,7 +213,7 @@ def _add_tokenizer(out: Path, model: LoadedModel, checkpoint: str) -> None:
         logging.warning("%s names no tokenizer: the export has no tokenizer, chat template or "
                         "generation config; train with load_tokenizer.path bound", checkpoint)
         return
-    _copy_tokenizer(Path(model.tokenizer.path).expanduser(), Path(out))
+    _copy_tokenizer(store.as_path(model.tokenizer.path), Path(out))
     _add_special_ids(Path(out), model.tokenizer)
 
 
@@ -165,13 +225,18 @@ def _base_parent(model: LoadedModel) -> str | None:
         return None
     registry = Registry(models_dir())
     name, _ = parse_ref(meta.base_ref[len(MODEL_REF_PREFIX):])
-    base = Path(meta.base_path).resolve()
-    return next((v.ref for v in registry.list(name)
-                 if base.is_relative_to(registry.version_dir(v).resolve())), None)
+    base = os.fspath(store.resolve(meta.base_path))
+
+    def holds(directory: store.AnyPath) -> bool:
+        root = os.fspath(store.resolve(directory if store.is_remote(directory)
+                                       else Path(directory).resolve()))
+        return base == root or base.startswith(root.rstrip("/") + "/")
+
+    return next((v.ref for v in registry.list(name) if holds(registry.version_dir(v))), None)
 
 
-def _register(out: Path, name: str, parent: str | None) -> None:
-    version = download.install(str(out), name=name, parent=parent,
+def _register(out: Path, name: str, parent: str | None, source: str | None = None) -> None:
+    version = download.install(str(out), name=name, parent=parent, recorded_source=source,
                                budget=storage.StorageBudget(), progress=False)
     logging.info("registered %s%s", version.ref, f" (parent {version.parent})"
                  if version.parent else "")
@@ -184,14 +249,14 @@ def _write_adapter(output_dir: str | Path, model: LoadedModel, meta: lora.Adapte
     Its base_model_name_or_path is the base's directory when transformers can load it (an HF
     dir, e.g. a registered Hub model), else the base as the user named it.
     """
-    is_hf = (Path(meta.base_path) / "config.json").is_file()
-    with hf.new_dir(output_dir) as tmp:
+    is_hf = (store.as_path(meta.base_path) / "config.json").is_file()
+    with hf.new_dir(output_dir, last=MARKERS) as tmp:
         peft.write_peft_files(tmp, model.config, model.adapters, model.lora,
                               base_name=meta.base_path if is_hf else meta.base_ref, dtype=dtype)
         lora.write_meta(tmp, meta)
         if model.tokenizer is not None:
-            _copy_tokenizer(Path(model.tokenizer.path).expanduser(), tmp)
-    return Path(output_dir).expanduser()
+            _copy_tokenizer(store.as_path(model.tokenizer.path), tmp)
+    return store.as_path(output_dir)
 
 
 @job
@@ -207,11 +272,14 @@ def import_peft(run_dir: str, adapter_dir: str = gin.REQUIRED, base: str = gin.R
         lora=lora_config, base_ref=base, base_path=str(base_model.path), base_step=base_model.step,
         base_digest=lora.params_digest(base_model.params), base_quant=None,
         architecture=architecture_gin(base_model.config))
-    out = Path(output_dir).expanduser() if output_dir else models_dir() / Path(adapter_dir).name
+    out = (store.as_path(output_dir) if output_dir
+           else models_dir() / store.as_path(adapter_dir).name)
+    store.check_access(os.fspath(out))
     model = dataclasses.replace(base_model, lora=lora_config, adapters=adapters)
     _write_adapter(out, model, meta)
-    logging.info("imported LoRA adapter %s (r=%d on %s) onto %s into %s", adapter_dir,
-                 lora_config.rank, ", ".join(lora_config.targets), describe(base_model), out)
+    logging.info("imported LoRA adapter %s (r=%d on %s) onto %s into %s", store.show(adapter_dir),
+                 lora_config.rank, ", ".join(lora_config.targets), describe(base_model),
+                 store.show(out))
     if register_as:
         _register(out, register_as, _base_parent(dataclasses.replace(model, adapter_meta=meta)))
     return str(out)

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llamahome import store
 from llamahome.errors import CheckpointError, UserError
 from llamahome.model import hf
 from llamahome.model.llama import LlamaConfig, param_shapes
@@ -58,7 +60,7 @@ _UNSUPPORTED = {
 
 def is_peft_dir(path: str | os.PathLike) -> bool:
     """True for a folder holding a PEFT adapter (adapter_config.json)."""
-    return (Path(path).expanduser() / CONFIG_FILE).is_file()
+    return (store.as_path(path) / CONFIG_FILE).is_file()
 
 
 def _modules(c: LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
@@ -89,7 +91,7 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 def read_peft_config(peft_dir: str | os.PathLike) -> dict[str, Any]:
     """adapter_config.json, checked to describe plain LoRA that LlamaHome can apply."""
-    path = Path(peft_dir).expanduser() / CONFIG_FILE
+    path = store.as_path(peft_dir) / CONFIG_FILE
     data = hf.read_json(path, "a PEFT adapter directory")
     if data.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type {data.get('peft_type')!r} is not supported; "
@@ -123,6 +125,8 @@ def _read_tensors(peft_dir: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{peft_dir} has no {WEIGHTS_FILE}" + (
             f" (only the pickle {other}; re-save the adapter with safe_serialization=True)"
             if other else ""))
+    if store.is_remote(path):  # one object, read whole (safetensors maps only local files)
+        return safetensors.numpy.load(path.read_bytes())
     with safe_open(path, framework="numpy") as f:
         return {name: f.get_tensor(name) for name in f.keys()}
 
@@ -171,7 +175,7 @@ def load_peft_adapter(peft_dir: str | os.PathLike, config: LlamaConfig,
 
     `adapters` is a host numpy tree in lora.py's layout (stacked over layers), in `dtype`.
     """
-    where = Path(peft_dir).expanduser()
+    where = store.as_path(peft_dir)
     data = read_peft_config(where)
     modules = _modules(config)
     pairs = _pairs(_read_tensors(where), modules, where)
@@ -246,6 +250,6 @@ def save_peft_adapter(out_dir: str | os.PathLike, config: LlamaConfig,
                       adapters: Mapping[str, Any], lora: LoraConfig, *,
                       base_name: str | None = None, dtype: Any = None) -> Path:
     """Writes a PEFT adapter directory (atomically; an existing non-empty one is refused)."""
-    with hf.new_dir(out_dir) as tmp:
+    with hf.new_dir(out_dir, last=(CONFIG_FILE,)) as tmp:
         write_peft_files(tmp, config, adapters, lora, base_name=base_name, dtype=dtype)
-    return Path(out_dir).expanduser()
+    return store.as_path(out_dir)
