@@ -151,3 +151,95 @@ def test_killed_peer_stops_the_survivor_and_the_restarted_pair_resumes(workdir, 
     run_two_processes(workdir, run_dir)
     assert records(run_dir, "train")[written]["step"] == 6  # resumed from the checkpoint at step 5
     assert_losses_equal(run_dir, reference, range(1, STEPS + 1))
+
+
+# -- pods without a shared disk: every shared thing on a bucket (S3 and GCS emulators) ---------
+
+
+def remote_losses(run_uri: str, split: str = "train") -> dict[int, float]:
+    from llamahome.files import RunDir
+
+    lines = RunDir.view(run_uri).metrics.read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == split}
+
+
+def on_bucket(bucket: str, name: str) -> list[str]:
+    """gin params putting the run dir, the token cache and the models dir on `bucket`."""
+    return [f"--gin_param=launch.run_dir='{bucket}/runs/{name}'",
+            f"--gin_param=CacheManager.root='{bucket}/cache'",
+            f"--gin_param=models_dir.path='{bucket}/models'"]
+
+
+def sealed(run_uri: str, step: int) -> bool:
+    from llamahome import store
+
+    store.refresh(f"{run_uri}/checkpoints")
+    return store.as_path(f"{run_uri}/checkpoints/{step}/llamahome_manifest.json").exists()
+
+
+def test_sigkill_and_resume_with_everything_on_a_bucket_is_bit_identical(bucket, workdir, reference):
+    run_uri, cmd = f"{bucket}/runs/killed", [sys.executable, "-m", "llamahome.launch",
+                                             *flags(workdir, workdir / "unused"),
+                                             *on_bucket(bucket, "killed")]
+    log = workdir / f"killed-{bucket.split(':')[0]}.log"  # a file: a full pipe would block it
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env(8), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 240
+        while not sealed(run_uri, 5):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "no sealed checkpoint at step 5 on the bucket"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    result = subprocess.run(cmd, env=env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = losses(reference), remote_losses(run_uri)
+    assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]  # bit for bit
+    assert not (workdir / "unused").exists() and not (REPO / f"{bucket.split(':')[0]}:").exists()
+
+
+def test_two_hosts_sharing_only_a_bucket_train_like_one(object_stores, monkeypatch, workdir,
+                                                        reference, tmp_path):
+    """Two processes, each with its own HOME, cache and temp dirs (no shared disk), run dir and
+    token cache on S3: the losses of one process; the pair's checkpoint continues in one."""
+    from llamahome import store
+
+    s3 = object_stores["s3"]
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    store.reset_clients()
+    bucket = s3.bucket()
+    run_uri, port = f"{bucket}/runs/pair", free_port()
+    procs = []
+    for i in range(2):
+        home = tmp_path / f"host{i}"
+        (home / "tmp").mkdir(parents=True)
+        host_env = env(4, LLAMAHOME_COORDINATOR=f"127.0.0.1:{port}", LLAMAHOME_NUM_PROCESSES="2",
+                       LLAMAHOME_PROCESS_ID=str(i), HOME=str(home), TMPDIR=str(home / "tmp"),
+                       XDG_CACHE_HOME=str(home / "cache"))
+        host_env.pop("LLAMAHOME_CACHE_DIR")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "llamahome.launch", *flags(workdir, workdir / "unused"),
+             *on_bucket(bucket, "pair")],
+            env=host_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    want, got = losses(reference), remote_losses(run_uri)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-5)
+    step5 = f"{run_uri}/checkpoints/5"
+    data_iter = {p.name for p in store.as_path(f"{step5}/data_iter").iterdir()}
+    assert {"shard_0-of-2.json", "shard_1-of-2.json"} <= data_iter  # each host wrote its shard
+    continued = f"{bucket}/runs/continued"
+    for f in store.files_under(step5):  # the pair's step 5 alone, in a new run dir
+        store.put(store.as_path(continued + str(f)[len(run_uri):]), f.read_bytes())
+    result = subprocess.run([sys.executable, "-m", "llamahome.launch",
+                             *flags(workdir, workdir / "unused"), *on_bucket(bucket, "continued")],
+                            env=env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = remote_losses(continued)
+    assert sorted(got) == list(range(6, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-5)
