@@ -2,11 +2,15 @@
 train the tiny model. The reference is always one process with 8 devices reading the same two
 data shards (`train.data_shards=2`): the pair's losses equal it, a checkpoint written by the pair
 continues in one process, a killed peer stops the survivor within a bound, and the restarted
-pair resumes from the last checkpoint."""
+pair resumes from the last checkpoint.
+
+The pair that trains like one shares no disk, as a pod's hosts: each process has its own HOME,
+cache and temp dirs, and the run dir and token cache are on S3 (the moto emulator on loopback);
+the killed-peer pair shares a local run dir. A run with everything on a bucket, SIGKILLed and
+restarted, gives the reference's losses bit for bit on S3 and on GCS (the emulators)."""
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llamahome import store
+from llamahome.files import RunDir
 from tests.conftest import REPO, tiny_train_params, write_word_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -62,17 +68,17 @@ def run_two_processes(workdir: Path, run_dir: Path) -> subprocess.CompletedProce
     return result
 
 
-def records(run_dir: Path, split: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+def records(run_dir: Path | str, split: str) -> list[dict]:
+    lines = RunDir.view(str(run_dir)).metrics.read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-def losses(run_dir: Path, split: str = "train") -> dict[int, float]:
+def losses(run_dir: Path | str, split: str = "train") -> dict[int, float]:
     """step -> loss of the last record of each step (a restart rewrites steps)."""
     return {r["step"]: r["loss"] for r in records(run_dir, split)}
 
 
-def assert_losses_equal(run_dir: Path, reference: Path, steps: range) -> None:
+def assert_losses_equal(run_dir: Path | str, reference: Path, steps: range) -> None:
     for split in ("train", "eval"):
         got, want = losses(run_dir, split), losses(reference, split)
         keys = [s for s in steps if s in want]
@@ -90,29 +96,61 @@ def reference(workdir):
 
 
 @pytest.fixture(scope="module")
-def two_process_run(workdir, reference):
-    run_dir = workdir / "two_processes"
-    run_two_processes(workdir, run_dir)
-    return run_dir
+def s3_bucket(object_stores):
+    """A bucket on the S3 emulator, with this process's environment pointed at it."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in object_stores["s3"].env().items():
+            mp.setenv(name, value)
+        store.reset_clients()
+        yield object_stores["s3"].bucket()
+    store.reset_clients()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(workdir, reference, s3_bucket, tmp_path_factory):
+    """Two hosts that share no disk: each process has its own HOME, cache and temp dirs; the run
+    dir and the token cache are on S3 (the emulator). Returns the run dir's URI."""
+    port, procs = free_port(), []
+    for i in range(2):
+        home = tmp_path_factory.mktemp(f"host{i}")
+        (home / "tmp").mkdir()
+        host_env = env(4, LLAMAHOME_COORDINATOR=f"127.0.0.1:{port}", LLAMAHOME_NUM_PROCESSES="2",
+                       LLAMAHOME_PROCESS_ID=str(i), HOME=str(home), TMPDIR=str(home / "tmp"),
+                       XDG_CACHE_HOME=str(home / "cache"))
+        host_env.pop("LLAMAHOME_CACHE_DIR")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "llamahome.launch", *flags(workdir, workdir / "unused"),
+             *on_bucket(s3_bucket, "pair")],
+            env=host_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    return f"{s3_bucket}/runs/pair"
 
 
 def test_two_processes_train_like_one(two_process_run, reference):
     assert_losses_equal(two_process_run, reference, range(1, STEPS + 1))
     # Only process 0 writes metrics, status and configs: one record per step, not two.
     assert [r["step"] for r in records(two_process_run, "train")] == list(range(1, STEPS + 1))
-    assert json.loads((two_process_run / "status.json").read_text())["status"] == "finished"
-    assert (two_process_run / "config.gin").is_file() and (two_process_run / "operative_config.gin").is_file()
+    run = RunDir.view(two_process_run)
+    assert json.loads(run.status.read_text())["status"] == "finished"
+    assert run.config.is_file() and run.operative_config.is_file()
     # Both processes wrote their data shard's iterator state into the same checkpoint.
-    data_iter = two_process_run / "checkpoints" / "5" / "data_iter"
+    data_iter = run.checkpoints / "5" / "data_iter"
     assert {"shard_0-of-2.json", "shard_1-of-2.json"} <= {p.name for p in data_iter.iterdir()}
 
 
 def test_checkpoint_of_two_processes_continues_in_one(workdir, two_process_run, reference):
-    run_dir = workdir / "continued_in_one"
-    shutil.copytree(two_process_run / "checkpoints" / "5", run_dir / "checkpoints" / "5")
-    run_one_process(workdir, run_dir)
-    assert sorted(losses(run_dir)) == list(range(6, STEPS + 1))
-    assert_losses_equal(run_dir, reference, range(6, STEPS + 1))
+    continued = two_process_run.replace("/runs/pair", "/runs/continued")
+    step5 = f"{two_process_run}/checkpoints/5"
+    for f in store.files_under(step5):  # the pair's step 5 alone, in a new run dir
+        store.put(store.as_path(continued + str(f)[len(two_process_run):]), f.read_bytes())
+    result = subprocess.run([sys.executable, "-m", "llamahome.launch",
+                             *flags(workdir, workdir / "unused"), *on_bucket_uri(continued)],
+                            env=env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(continued)) == list(range(6, STEPS + 1))
+    assert_losses_equal(continued, reference, range(6, STEPS + 1))
 
 
 def free_port() -> int:
@@ -156,23 +194,19 @@ def test_killed_peer_stops_the_survivor_and_the_restarted_pair_resumes(workdir, 
 # -- pods without a shared disk: every shared thing on a bucket (S3 and GCS emulators) ---------
 
 
-def remote_losses(run_uri: str, split: str = "train") -> dict[int, float]:
-    from llamahome.files import RunDir
-
-    lines = RunDir.view(run_uri).metrics.read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == split}
-
-
 def on_bucket(bucket: str, name: str) -> list[str]:
     """gin params putting the run dir, the token cache and the models dir on `bucket`."""
-    return [f"--gin_param=launch.run_dir='{bucket}/runs/{name}'",
+    return on_bucket_uri(f"{bucket}/runs/{name}")
+
+
+def on_bucket_uri(run_uri: str) -> list[str]:
+    bucket = run_uri.split("/runs/")[0]
+    return [f"--gin_param=launch.run_dir='{run_uri}'",
             f"--gin_param=CacheManager.root='{bucket}/cache'",
             f"--gin_param=models_dir.path='{bucket}/models'"]
 
 
 def sealed(run_uri: str, step: int) -> bool:
-    from llamahome import store
-
     store.refresh(f"{run_uri}/checkpoints")
     return store.as_path(f"{run_uri}/checkpoints/{step}/llamahome_manifest.json").exists()
 
@@ -195,51 +229,6 @@ def test_sigkill_and_resume_with_everything_on_a_bucket_is_bit_identical(bucket,
         proc.wait()
     result = subprocess.run(cmd, env=env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    want, got = losses(reference), remote_losses(run_uri)
+    want, got = losses(reference), losses(run_uri)
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]  # bit for bit
     assert not (workdir / "unused").exists() and not (REPO / f"{bucket.split(':')[0]}:").exists()
-
-
-def test_two_hosts_sharing_only_a_bucket_train_like_one(object_stores, monkeypatch, workdir,
-                                                        reference, tmp_path):
-    """Two processes, each with its own HOME, cache and temp dirs (no shared disk), run dir and
-    token cache on S3: the losses of one process; the pair's checkpoint continues in one."""
-    from llamahome import store
-
-    s3 = object_stores["s3"]
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    store.reset_clients()
-    bucket = s3.bucket()
-    run_uri, port = f"{bucket}/runs/pair", free_port()
-    procs = []
-    for i in range(2):
-        home = tmp_path / f"host{i}"
-        (home / "tmp").mkdir(parents=True)
-        host_env = env(4, LLAMAHOME_COORDINATOR=f"127.0.0.1:{port}", LLAMAHOME_NUM_PROCESSES="2",
-                       LLAMAHOME_PROCESS_ID=str(i), HOME=str(home), TMPDIR=str(home / "tmp"),
-                       XDG_CACHE_HOME=str(home / "cache"))
-        host_env.pop("LLAMAHOME_CACHE_DIR")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "llamahome.launch", *flags(workdir, workdir / "unused"),
-             *on_bucket(bucket, "pair")],
-            env=host_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr[-3000:]
-    want, got = losses(reference), remote_losses(run_uri)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-5)
-    step5 = f"{run_uri}/checkpoints/5"
-    data_iter = {p.name for p in store.as_path(f"{step5}/data_iter").iterdir()}
-    assert {"shard_0-of-2.json", "shard_1-of-2.json"} <= data_iter  # each host wrote its shard
-    continued = f"{bucket}/runs/continued"
-    for f in store.files_under(step5):  # the pair's step 5 alone, in a new run dir
-        store.put(store.as_path(continued + str(f)[len(run_uri):]), f.read_bytes())
-    result = subprocess.run([sys.executable, "-m", "llamahome.launch",
-                             *flags(workdir, workdir / "unused"), *on_bucket(bucket, "continued")],
-                            env=env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = remote_losses(continued)
-    assert sorted(got) == list(range(6, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-5)

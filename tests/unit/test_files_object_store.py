@@ -80,6 +80,7 @@ def test_sync_uploads_changed_files_and_resume_continues_metrics(bucket):
     assert sync.sync() == 0 and sync.uploads == uploads  # nothing changed: nothing sent
 
 
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_remote_tokenizer_is_downloaded_for_a_reader(bucket):
     uri = f"{bucket}/runs/tok"
     store.put(store.as_path(uri) / "tokenizer" / "spec.json", b'{"a": 1}')
@@ -99,6 +100,7 @@ def test_lock_refuses_a_live_holder_and_is_deleted_on_release(bucket):
     files.release(files.acquire(uri))  # free again
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_lock_heartbeat_keeps_the_record_fresh(bucket):
     uri = f"{bucket}/runs/beat"
     gin.bind_parameter("remote_lock.heartbeat_s", 0.1)
@@ -177,6 +179,7 @@ def test_locked_json_serialises_edits_on_object_storage(bucket):
     assert json.loads(path.read_text()) == {"n": 9} and not lock.exists()
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_dir_size_of_a_remote_folder(bucket):
     root = store.as_path(f"{bucket}/models/m")
     store.put(root / "a.bin", b"x" * 100)

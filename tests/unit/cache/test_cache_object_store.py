@@ -10,6 +10,7 @@ import socket
 
 import gin
 import jax
+import pytest
 
 from llamahome import store
 from llamahome.cache import COMMIT_MARKER, CacheManager, enable_compilation_cache
@@ -34,6 +35,7 @@ def test_entry_is_uploaded_and_visible_only_with_its_marker(bucket, tmp_path):
     assert m.lookup("tokens", "a", "fa") is None and not m.committed("tokens", "fa")
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_marker_without_an_index_entry_is_recorded_by_lookup(bucket, tmp_path):
     m = CacheManager(root=f"{bucket}/cache")
     path = add_entry(m, tmp_path, "a", "fa")
@@ -52,6 +54,7 @@ def test_lru_eviction_and_invalidation_delete_objects(bucket, tmp_path):
     assert not a.exists() and m.stats()["invalidations"] == 1
 
 
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_pins_of_other_hosts_count_as_live(bucket, tmp_path):
     m = CacheManager(root=f"{bucket}/cache", disk_size=1500)
     a = add_entry(m, tmp_path, "a", "fa")
@@ -64,6 +67,7 @@ def test_pins_of_other_hosts_count_as_live(bucket, tmp_path):
     assert not pin.exists()
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_compilation_cache_stays_local_when_the_root_is_remote(bucket, tmp_path, monkeypatch):
     before = jax.config.jax_compilation_cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

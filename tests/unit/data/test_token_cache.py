@@ -82,18 +82,19 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _many_files(tmp_path, n=12):
+def many_files(tmp_path, n=12, words=20, paragraphs=30):
+    """`n` text files of `paragraphs` random paragraphs of `words` words, in `tmp_path`/many."""
     folder = tmp_path / "many"
     folder.mkdir()
     rng = np.random.default_rng(1)
     for i in range(n):
         (folder / f"{i:02d}.txt").write_text("\n\n".join(
-            " ".join(rng.choice(["a", "bb", "ccc", "to", "be"], 20)) for _ in range(30)))
+            " ".join(rng.choice(["a", "bb", "ccc", "to", "be"], words)) for _ in range(paragraphs)))
     return folder
 
 
 def test_killed_build_resumes_to_identical_cache(tmp_path, sp_model_path, sp_tokenizer):
-    folder = _many_files(tmp_path)
+    folder = many_files(tmp_path)
     (tmp_path / "kill.py").write_text(KILL_SCRIPT)
     killed = run_python([str(tmp_path / "kill.py"), str(folder), str(tmp_path / "resumed"),
                          sp_model_path, "5"], timeout=120)
@@ -114,7 +115,7 @@ def test_killed_build_resumes_to_identical_cache(tmp_path, sp_model_path, sp_tok
 
 
 def test_parallel_build_equals_serial_build(tmp_path, sp_tokenizer):
-    folder = _many_files(tmp_path, n=4)
+    folder = many_files(tmp_path, n=4)
     sources = [TextFiles(paths=str(folder), split="paragraph")]
     serial = build_token_cache(sources, sp_tokenizer, CacheManager(root=str(tmp_path / "s")), name="p")
     parallel = build_token_cache(sources, sp_tokenizer, CacheManager(root=str(tmp_path / "p")),

@@ -21,6 +21,7 @@ from llamahome.data.sources import JsonlFiles, ParquetFiles, TextFiles
 from llamahome.data.token_cache import TokenCache, build_token_cache
 from llamahome.data.tokenizer import load_tokenizer
 from llamahome.errors import DataError
+from tests.unit.data.test_token_cache import many_files
 
 
 def upload(local_folder, uri: str) -> str:
@@ -35,15 +36,6 @@ def arrays(cache: TokenCache) -> dict[str, np.ndarray]:
     if cache._mask is not None:
         out["loss_mask"] = cache._mask.read().result()
     return out
-
-
-def many_files(folder, n=6):
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        (folder / f"{i:02d}.txt").write_text("\n\n".join(
-            " ".join(rng.choice(["a", "bb", "ccc", "to", "be"], 12)) for _ in range(8)))
-    return folder
 
 
 class CountingTokenizer:
@@ -79,9 +71,10 @@ def test_cache_on_a_bucket_holds_the_local_builds_tokens(bucket, tmp_path, text_
     assert json.loads((manager.root / "index.json").read_text())[f"tokens/{remote.name}"]["name"] == "t"
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_killed_build_resumes_without_tokenizing_finished_shards(bucket, tmp_path, sp_tokenizer,
                                                                 monkeypatch):
-    sources = [TextFiles(paths=str(many_files(tmp_path / "many")), split="paragraph")]
+    sources = [TextFiles(paths=str(many_files(tmp_path, n=6, words=12, paragraphs=8)), split="paragraph")]
     manager = CacheManager(root=f"{bucket}/cache")
     calls: list[int] = []
     monkeypatch.setattr(token_cache, "tokenizer_from_spec",
@@ -133,9 +126,10 @@ def test_lost_or_corrupt_chunk_objects_are_one_line_errors(bucket, tmp_path, tex
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_corrupt_part_of_a_killed_build_is_named_then_retokenized(bucket, tmp_path, sp_tokenizer,
                                                                   monkeypatch):
-    sources = [TextFiles(paths=str(many_files(tmp_path / "many", n=3)), split="paragraph")]
+    sources = [TextFiles(paths=str(many_files(tmp_path, n=3, words=12, paragraphs=8)), split="paragraph")]
     manager = CacheManager(root=f"{bucket}/cache")
     calls: list[int] = []
     monkeypatch.setattr(token_cache, "tokenizer_from_spec",
@@ -154,6 +148,7 @@ def test_corrupt_part_of_a_killed_build_is_named_then_retokenized(bucket, tmp_pa
     assert len(calls) == 1 and TokenCache(path).num_docs == 24  # only the bad shard again
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_other_hosts_wait_for_process_0s_cache(bucket, text_corpus, sp_tokenizer, monkeypatch):
     monkeypatch.setattr(token_cache, "_POLL_S", 0.1)
     folder, _ = text_corpus
@@ -172,6 +167,7 @@ def test_other_hosts_wait_for_process_0s_cache(bucket, text_corpus, sp_tokenizer
     assert waited == [built]
 
 
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_only_process_0_builds_a_cache_on_object_storage(bucket, tmp_path, text_corpus,
                                                         sp_tokenizer, monkeypatch):
     folder, _ = text_corpus
@@ -186,6 +182,7 @@ def test_only_process_0_builds_a_cache_on_object_storage(bucket, tmp_path, text_
     assert local.num_docs == 240
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_pipeline_reads_a_cache_on_a_bucket_as_a_local_one(bucket, tmp_path, text_corpus,
                                                           sp_tokenizer):
     folder, _ = text_corpus
@@ -226,6 +223,7 @@ def test_sources_read_text_jsonl_and_parquet_files_on_a_bucket(bucket, tmp_path,
     assert texts(ParquetFiles(paths=f"{bucket}/data/*.parquet")) == paragraphs[5:9]
 
 
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_missing_remote_sources_are_named_in_one_line(bucket):
     scheme = bucket.split("://")[0]
     with pytest.raises(store.StorageError, match=rf"{scheme}://lh-no-such-bucket.*the bucket does not exist"):
@@ -236,6 +234,7 @@ def test_missing_remote_sources_are_named_in_one_line(bucket):
         next(TextFiles(paths="unused").read(f"{bucket}/gone.txt"))
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_tokenizer_on_a_bucket_loads_like_the_local_file(bucket, sp_model_path, sp_tokenizer):
     store.put(store.as_path(f"{bucket}/tok/tokenizer.model"), Path(sp_model_path).read_bytes())
     for uri in (f"{bucket}/tok/tokenizer.model", f"{bucket}/tok"):
@@ -246,6 +245,7 @@ def test_tokenizer_on_a_bucket_loads_like_the_local_file(bucket, sp_model_path, 
         load_tokenizer(f"{bucket}/nope")
 
 
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_parquet_row_groups_on_a_bucket_are_read_in_order(bucket):
     """A Parquet file of several row groups, read from the bucket as a file object."""
     import pyarrow as pa  # noqa: PLC0415
