@@ -71,16 +71,25 @@ def test_cache_on_a_bucket_holds_the_local_builds_tokens(bucket, tmp_path, text_
     assert json.loads((manager.root / "index.json").read_text())[f"tokens/{remote.name}"]["name"] == "t"
 
 
-@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
-def test_killed_build_resumes_without_tokenizing_finished_shards(bucket, tmp_path, sp_tokenizer,
-                                                                monkeypatch):
-    sources = [TextFiles(paths=str(many_files(tmp_path, n=6, words=12, paragraphs=8)), split="paragraph")]
+def killed_build(bucket, tmp_path, sp_tokenizer, monkeypatch, shards: int, fail_at: int, name: str):
+    """A build on `bucket` of `shards` small files that dies tokenizing shard `fail_at`;
+    (sources, manager, the list of shards tokenized)."""
+    sources = [TextFiles(paths=str(many_files(tmp_path, n=shards, words=12, paragraphs=8)),
+                         split="paragraph")]
     manager = CacheManager(root=f"{bucket}/cache")
     calls: list[int] = []
     monkeypatch.setattr(token_cache, "tokenizer_from_spec",
-                        lambda spec: CountingTokenizer(sp_tokenizer, calls, fail_at=4))
-    with pytest.raises(RuntimeError, match="killed"):  # dies tokenizing the 4th of 6 shards
-        build_token_cache(sources, sp_tokenizer, manager, name="k")
+                        lambda spec: CountingTokenizer(sp_tokenizer, calls, fail_at=fail_at))
+    with pytest.raises(RuntimeError, match="killed"):
+        build_token_cache(sources, sp_tokenizer, manager, name=name)
+    return sources, manager, calls
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one store (CI time): the same code runs on the other
+def test_killed_build_resumes_without_tokenizing_finished_shards(bucket, tmp_path, sp_tokenizer,
+                                                                monkeypatch):
+    # dies tokenizing the 4th of 6 shards
+    sources, manager, calls = killed_build(bucket, tmp_path, sp_tokenizer, monkeypatch, 6, 4, "k")
     fingerprint = token_cache.cache_fingerprint(sources, sp_tokenizer, token_cache.CacheOptions())
     final = manager.entry_path("tokens", fingerprint)
     assert manager.lookup("tokens", "k", fingerprint) is None
@@ -129,13 +138,7 @@ def test_lost_or_corrupt_chunk_objects_are_one_line_errors(bucket, tmp_path, tex
 @pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # one store (CI time): the same code runs on the other
 def test_corrupt_part_of_a_killed_build_is_named_then_retokenized(bucket, tmp_path, sp_tokenizer,
                                                                   monkeypatch):
-    sources = [TextFiles(paths=str(many_files(tmp_path, n=3, words=12, paragraphs=8)), split="paragraph")]
-    manager = CacheManager(root=f"{bucket}/cache")
-    calls: list[int] = []
-    monkeypatch.setattr(token_cache, "tokenizer_from_spec",
-                        lambda spec: CountingTokenizer(sp_tokenizer, calls, fail_at=3))
-    with pytest.raises(RuntimeError):
-        build_token_cache(sources, sp_tokenizer, manager, name="p")
+    sources, manager, calls = killed_build(bucket, tmp_path, sp_tokenizer, monkeypatch, 3, 3, "p")
     build = next(iter((manager.root / "tokens").glob(".build-*")))
     part = build / "parts" / "000001.npz"
     part.write_bytes(part.read_bytes()[:-1] + b"!")  # same size, other content
