@@ -271,7 +271,7 @@ class DiskStore:
         elif os.fspath(tmp) != os.fspath(path):
             raise ValueError(f"commit of {store.show(tmp)}: on object storage an entry is built "
                              f"in place ({store.show(path)}) or in a local folder")
-        nbytes = remote_bytes(path)
+        nbytes = files.dir_size(path)
         store.put(path / COMMIT_MARKER, json.dumps(
             {"name": name, "bytes": nbytes, "created": time.time()}).encode())
         return nbytes
@@ -335,18 +335,6 @@ class DiskStore:
     def entries(self) -> dict:
         path = self.root / "index.json"
         return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def remote_bytes(path: store.AnyPath) -> int:
-    """Bytes of the objects under a remote prefix."""
-    import fsspec  # noqa: PLC0415  (gcsfs / s3fs, as epath uses them)
-
-    fs, key = fsspec.core.url_to_fs(os.fspath(path))
-    fs.invalidate_cache(key)  # objects written since a listing this process cached
-    try:
-        return int(fs.du(key, total=True))
-    except FileNotFoundError:
-        return 0
 
 
 def remove_tree(path: store.AnyPath) -> None:

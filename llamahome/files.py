@@ -474,18 +474,7 @@ def dir_size(path: store.AnyPath) -> int:
 
 
 def _remote_size(path: store.AnyPath) -> int:
-    import fsspec  # epath's filesystems: gcsfs, s3fs
-
-    scheme, bucket, key = store.split(path)
-    fs = fsspec.filesystem("gcs" if scheme == "gs" else "s3")
-    try:
-        fs.invalidate_cache(f"{bucket}/{key}".rstrip("/"))
-        return sum(int(info.get("size") or 0) for info in
-                   fs.find(f"{bucket}/{key}".rstrip("/"), detail=True, withdirs=False).values())
-    except FileNotFoundError:
-        return 0
-    except Exception as e:
-        raise store.StorageError(f"cannot list {store.show(path)}: {store.describe_error(e)}") from None
+    return sum(int(info.get("size") or 0) for info in store.find(path).values())
 
 
 @gin.configurable

@@ -425,19 +425,30 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
     return fs, fs._strip_protocol(os.fspath(p)).rstrip("/")
 
 
-def files_under(path: str | os.PathLike) -> list[AnyPath]:
-    """Every file under a folder, recursively, sorted (`rglob` on object storage is refused by
-    epath: here it is one listing request per 1,000 objects)."""
-    if not is_remote(path):
-        return sorted(p for p in as_path(path).rglob("*") if p.is_file())
-    scheme = split(path)[0]
+def find(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """`{relative name: fsspec info (size, generation or ETag, ...)}` of every object under a
+    remote folder, recursively, freshly listed (another process may have written since the last
+    listing): one request per 1,000 objects. {} if there is none; `StorageError` if the listing
+    fails (a missing bucket, credentials)."""
     fs, prefix = filesystem(path)
     try:
-        fs.invalidate_cache(prefix)  # another process may have written since the last listing
-        found = fs.find(prefix)
+        fs.invalidate_cache(prefix)
+        found = fs.find(prefix, detail=True, withdirs=False)
+    except FileNotFoundError:
+        return {}
     except Exception as e:
         raise StorageError(f"cannot list {show(path)}: {describe_error(e)}") from None
-    return [epath.Path(f"{scheme}://{name}") for name in sorted(found)]
+    return {name[len(prefix) + 1:]: info for name, info in sorted(found.items())
+            if name.startswith(prefix + "/") and info.get("type", "file") == "file"}
+
+
+def files_under(path: str | os.PathLike) -> list[AnyPath]:
+    """Every file under a folder, recursively, sorted (`rglob` on object storage is refused by
+    epath: here it is `find`)."""
+    if not is_remote(path):
+        return sorted(p for p in as_path(path).rglob("*") if p.is_file())
+    root = as_path(path)
+    return [root / name for name in find(path)]
 
 
 def download_dir(remote: str | os.PathLike, local: str | os.PathLike) -> Path:

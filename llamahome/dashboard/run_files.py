@@ -62,10 +62,7 @@ class RemoteReader:
 
     @staticmethod
     def _fs(path):
-        import fsspec  # gcsfs, s3fs: what epath uses
-
-        scheme, bucket, key = store.split(path)
-        return fsspec.filesystem("gcs" if scheme == "gs" else "s3"), f"{bucket}/{key}".rstrip("/")
+        return store.filesystem(path)
 
     def listing(self, path) -> dict[str, dict]:
         """{name: {"dir": bool, "size": int, "mtime": float | None}} of the entries directly
@@ -99,13 +96,11 @@ class RemoteReader:
     def find(self, path) -> dict[str, dict]:
         """{relative name: listing entry} of every object under `path`, recursively."""
         def fetch():
-            fs, key = self._fs(path)
             try:
-                fs.invalidate_cache(key)
-                found = fs.find(key, detail=True, withdirs=False)
-            except (OSError, ValueError):
+                found = store.find(path)
+            except (OSError, ValueError, store.StorageError):
                 return {}
-            return {name[len(key) + 1:]: {"size": int(e.get("size") or 0), "mtime": _mtime(e)}
+            return {name: {"size": int(e.get("size") or 0), "mtime": _mtime(e)}
                     for name, e in found.items()}
         return self._cached(("find", os.fspath(path)), fetch)
 

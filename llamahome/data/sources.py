@@ -91,11 +91,8 @@ def expand_paths(paths: str | Sequence[str], what: str) -> list[str]:
 
 
 def _remote_fs(uri: str):
-    """(fsspec filesystem, path without the scheme) of a URI."""
-    import fsspec  # noqa: PLC0415  (gcsfs / s3fs, as store.as_path uses them)
-
-    store.configure_environment()
-    return fsspec.core.url_to_fs(uri)
+    """(fsspec filesystem, path without the scheme) of a URI: the one epath uses."""
+    return store.filesystem(uri)
 
 
 def _storage_error(action: str, uri: str, e: BaseException) -> store.StorageError:

@@ -257,15 +257,8 @@ def _part_sizes(build: store.AnyPath) -> dict[str, int]:
     parts = build / "parts"
     if not store.is_remote(build):
         return {f"parts/{p.name}": p.stat().st_size for p in parts.glob("*.npz")} if parts.is_dir() else {}
-    import fsspec  # noqa: PLC0415
-
-    fs, key = fsspec.core.url_to_fs(os.fspath(parts))
-    try:
-        listing = fs.ls(key, detail=True, refresh=True)
-    except FileNotFoundError:
-        return {}
-    return {f"parts/{os.path.basename(e['name'])}": int(e["size"]) for e in listing
-            if e.get("type") == "file"}
+    return {f"parts/{name}": int(info["size"]) for name, info in store.find(parts).items()
+            if "/" not in name}
 
 
 def _verified_ledger(build: store.AnyPath) -> dict[int, dict]:

@@ -225,18 +225,9 @@ def _listing(step_dir: store.AnyPath) -> dict[str, tuple[int, str]]:
     if not store.is_remote(step_dir):
         return {p.relative_to(step_dir).as_posix(): (st.st_size, str(st.st_mtime_ns))
                 for p in sorted(step_dir.rglob("*")) if p.is_file() and (st := p.stat())}
-    fs, root = _forget_listings(step_dir)  # another process may have written or deleted since
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    files = {}
-    for name, info in sorted(found.items()):
-        rel = name[len(root) + 1:]
-        if info.get("type") == "file" and rel and not rel.endswith("/"):
-            files[rel] = (int(info["size"]), str(info.get("generation") or info.get("ETag")
-                                                  or info.get("mtime") or ""))
-    return files
+    return {rel: (int(info["size"]), str(info.get("generation") or info.get("ETag")
+                                         or info.get("mtime") or ""))
+            for rel, info in store.find(step_dir).items() if not rel.endswith("/")}
 
 
 def _forget_listings(path: store.AnyPath) -> tuple[Any, str]:
