@@ -76,7 +76,7 @@ from jax.sharding import Mesh, PartitionSpec
 from llamahome.errors import ConfigError, UserError
 from llamahome.infer.samplers import SamplerConfig, row_settings, sample_rows, sampler_settings
 from llamahome.model.kv_cache import KVCache, to_ring
-from llamahome.model.llama import Llama, LlamaConfig, init_cache, unstack_layers
+from llamahome.model.llama import Llama, LlamaConfig, decode_layout, init_cache, unstack_layers
 from llamahome.model.lora import LoraConfig
 from llamahome.parallel.mesh import Rules
 
@@ -309,6 +309,7 @@ def _unstacked(tree: dict | None) -> dict | None:
 
 
 _unstack_layers = jax.jit(unstack_layers)
+_decode_layout = jax.jit(decode_layout)
 
 
 # --- Driving the slots ---
@@ -350,7 +351,8 @@ class EngineCore:
         self.mesh, self.keep_logits = mesh, keep_logits
         self.model = _Model(config, lora, None if mesh is None else tuple(rules))
         with self._on_mesh():
-            self.params, self.adapters = _unstacked(params), _unstacked(adapters)
+            self.params = _decode_layout(params)
+            self.adapters = _unstacked(adapters)
             self.slots = _init_slots(model=self.model, batch=max_batch, max_len=max_seq_len)
         self.requests: list[Request | None] = [None] * max_batch
         self.generated = [0] * max_batch  # tokens handed out per slot

@@ -294,17 +294,62 @@ def _constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
-def _matmul(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
-    """x [B, T, *w.shape[:in_dims]] @ w -> [B, T, *w.shape[in_dims:]] as one 2-D matmul.
+# A matmul with at most this many token rows (a decode step of up to 32 sequences) reads an
+# [out, in] weight as the left operand, W @ x^T: XLA:CPU's small-row kernels stream it at
+# 18-25 GB/s where x @ W [in, out] reaches ~16 and x @ W^T ~12 (8 rows, 2-core AMD EPYC,
+# benchmarks/README.md "Generation"); a decode step is those weight reads.
+DECODE_ROWS = 32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OutMajor:
+    """A projection weight stored [*fan_out, *fan_in] (PyTorch's [out, in]) for decoding.
+
+    `decode_layout` puts the decoding engine's copy of the weights in this layout once per
+    engine; `_matmul` then computes W @ x^T, the fastest form for a few token rows. The model
+    reads a weight in either layout; training and checkpoints keep [*fan_in, *fan_out].
+    """
+
+    values: jax.Array  # [*fan_out, *fan_in]
+    in_dims: int = dataclasses.field(metadata={"static": True})
+
+    def astype(self, dtype) -> OutMajor:
+        return OutMajor(self.values.astype(dtype), self.in_dims)
+
+
+def to_out_major(w: jax.Array, in_dims: int) -> OutMajor:
+    """[*fan_in, *fan_out] -> OutMajor [*fan_out, *fan_in] (a transposed copy)."""
+    order = (*range(in_dims, w.ndim), *range(in_dims))
+    return OutMajor(jnp.transpose(w, order), in_dims)
+
+
+def _matmul(x: jax.Array, w: jax.Array | OutMajor, in_dims: int = 1) -> jax.Array:
+    """x [B, T, *fan_in] @ w [*fan_in, *fan_out] -> [B, T, *fan_out] as one 2-D matmul.
 
     Flattening batch and length into one token axis gives XLA a plain [tokens, in] @ [in, out]
     whose weight gradient is a plain 2-D matmul too; from the equivalent einsum, with its two
     batch-like axes, XLA:CPU builds that gradient from a transposed copy and a slow dot (the
-    output head's backward pass took twice as long).
+    output head's backward pass took twice as long). An `OutMajor` weight is read as stored:
+    W @ x^T for up to DECODE_ROWS tokens (then a transpose of the small result), else x @ W^T.
     """
+    if isinstance(w, OutMajor):
+        fan_out = w.values.shape[:w.values.ndim - in_dims]
+        fan_in = math.prod(w.values.shape[w.values.ndim - in_dims:])
+        out = _dot_out_major(x.reshape(-1, fan_in), w.values.reshape(-1, fan_in))
+        return out.reshape(*x.shape[:x.ndim - in_dims], *fan_out)
     fan_in = math.prod(w.shape[:in_dims])
     out = x.reshape(-1, fan_in) @ w.reshape(fan_in, -1)
     return out.reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
+
+
+def _dot_out_major(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [tokens, in] @ w[out, in]^T -> [tokens, out], in the faster form for the row count."""
+    if x.shape[0] <= DECODE_ROWS:
+        # The barrier keeps XLA from folding the transpose into the dot (back to x @ w^T).
+        out_t = jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())))  # [out, tokens]
+        return jax.lax.optimization_barrier(out_t).T
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
 
 
 # --- Projections: the base weight (plain or quantized) and its LoRA adapter ---
@@ -322,6 +367,8 @@ def _base_weight(module: nn.Module, name: str, shape: tuple[int, ...],
         stored = module.get_variable("params", name)
         if quant.is_quantized(stored):
             return quant.materialize(stored, c.compute_dtype)
+        if isinstance(stored, OutMajor):  # decode_layout's copy
+            return stored.astype(c.compute_dtype)
     w = module.param(name, nn.with_logical_partitioning(_INIT, axes), shape, c.params_dtype)
     return quant.materialize(w, c.compute_dtype)
 
@@ -672,8 +719,9 @@ class Llama(nn.Module):
             if not return_hidden:
                 # x @ embedding^T read straight from the [vocab, embed] table: `.T` would make
                 # XLA:CPU copy the whole table at every call (every decoded token).
-                logits = jax.lax.dot_general(x, embedding.astype(c.compute_dtype),
-                                             (((2,), (1,)), ((), ())))
+                logits = _dot_out_major(x.reshape(batch * x.shape[1], -1),
+                                        embedding.astype(c.compute_dtype))
+                logits = logits.reshape(batch, x.shape[1], -1)
                 logits = _constrain(logits, "batch", "length", "vocab")
                 return logits if cache is None else (logits, cache)
             return x, embedding.astype(c.compute_dtype).T
@@ -756,6 +804,31 @@ def unstack_layers(params: dict) -> dict:
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers)
                                       for i in range(num_layers))}
+
+
+_OUT_MAJOR = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+              "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def decode_layout(params: dict) -> dict:
+    """`params` as the decoding engine reads them fastest: layers unstacked (`unstack_layers`)
+    and every dense projection (and an untied `lm_head`) as an `OutMajor` copy. Quantized
+    weights and a mixture of experts' weights (an "mlp" with a "router") stay as they are.
+    Costs one copy of the weights, made once per engine, in place of unstack_layers' copy.
+    Idempotent."""
+    if not isinstance(params["layers"], (tuple, list)):
+        params = unstack_layers(params)
+
+    def convert(tree: dict, names: tuple[str, ...]) -> dict:
+        return {name: (to_out_major(w, lora_lib.TARGET_IN_DIMS[name])
+                       if name in names and isinstance(w, jax.Array) else w)
+                for name, w in tree.items()}
+    layers = tuple({**layer, **{part: convert(layer[part], names)
+                                for part, names in _OUT_MAJOR.items()
+                                if isinstance(layer.get(part), dict)
+                                and "router" not in layer[part]}}
+                   for layer in params["layers"])
+    return convert({**params, "layers": layers}, ("lm_head",))
 
 
 def _boxed_init(config: LlamaConfig, rng: jax.Array) -> dict:

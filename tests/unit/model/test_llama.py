@@ -14,7 +14,8 @@ from llamahome.config.gin_config import REPO_GIN_DIR
 from llamahome.errors import ConfigError
 from llamahome.model.attention import attention_mask
 from llamahome.model.hf import load_hf_checkpoint
-from llamahome.model.llama import (Llama, LlamaConfig, checkpoint_vocab, fit_vocab, init_params,
+from llamahome.model.llama import (DECODE_ROWS, Llama, LlamaConfig, OutMajor, checkpoint_vocab,
+                                   decode_layout, fit_vocab, init_cache, init_params,
                                    param_logical_axes, param_shapes)
 from tests.unit.model.hf_reference import LLAMA3_ROPE, hf_logits, random_hf_llama
 
@@ -76,6 +77,35 @@ def test_dot_product_attention_matches_xla(params):
     dot = _logits(CONFIG.replace(attention_impl="dot_product"), params, tokens,
                   segment_ids=segments)
     np.testing.assert_allclose(dot, xla, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("rows", [3, DECODE_ROWS + 8])  # both forms of an [out, in] matmul
+def test_decode_layout_gives_the_same_logits(tie, rows):
+    """The engine's copy of the weights ([out, in], layers unstacked; read with a KV cache)
+    computes what the stored params do, for few and for many token rows."""
+    config = CONFIG.replace(tie_embeddings=tie)
+    weights = init_params(config, jax.random.key(1))
+    layout = decode_layout(weights)
+    layer = layout["layers"][0]
+    assert isinstance(layer["attention"]["o_proj"], OutMajor)
+    assert layer["attention"]["o_proj"].values.shape == (32, 4, 8)  # [embed, heads, head_dim]
+    assert isinstance(layer["mlp"]["down_proj"], OutMajor)
+    assert tie == ("lm_head" not in layout) and (tie or isinstance(layout["lm_head"], OutMajor))
+    assert jax.tree.structure(decode_layout(layout)) == jax.tree.structure(layout)  # idempotent
+    tokens = np.random.default_rng(4).integers(0, 97, (1, rows)).astype(np.int32)
+    apply = jax.jit(lambda p, t: Llama(config).apply({"params": p}, t,
+                                                     cache=init_cache(config, 1, rows)))
+    np.testing.assert_allclose(np.asarray(apply(layout, tokens)[0]),
+                               np.asarray(apply(weights, tokens)[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layout_leaves_experts_and_the_router_as_they_are():
+    config = CONFIG.replace(num_experts=4, num_experts_per_token=2)
+    params = init_params(config, jax.random.key(2))
+    mlp = decode_layout(params)["layers"][1]["mlp"]
+    assert not any(isinstance(w, OutMajor) for w in mlp.values())
+    assert mlp["gate_proj"].shape == params["layers"]["mlp"]["gate_proj"].shape[1:]
 
 
 def _loss_grads_and_logits(config, params):
