@@ -12,7 +12,8 @@ background thread), and `generate` / `stream_generate` (the `generate` job, the 
 playground, infer/generator.py) through `EngineCore`, the same slots driven synchronously.
 
 How it works. The engine holds `max_batch` slots and one preallocated KV cache whose row s
-(per layer [max_batch, max_seq_len, kv_heads, head_dim]) belongs to slot s, with its own
+(per layer keys [max_batch, kv_heads, head_dim, max_seq_len] and values [max_batch,
+kv_heads, max_seq_len, head_dim], model/kv_cache.py) belongs to slot s, with its own
 length (`KVCache.index` is one per row). A slot's row holds its sequence from slot 0, right-
 padded, so a token's cache slot is its position. A sliding-window model (Mistral) keeps a ring
 of `sliding_window` slots per row instead (position p in slot p % W, model/kv_cache.py): the
@@ -75,7 +76,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llamahome.errors import ConfigError, UserError
 from llamahome.infer.samplers import SamplerConfig, row_settings, sample_rows, sampler_settings
-from llamahome.model.kv_cache import KVCache, to_ring
+from llamahome.model.kv_cache import K_AXIS, V_AXIS, KVCache, to_ring
 from llamahome.model.llama import Llama, LlamaConfig, decode_layout, init_cache, unstack_layers
 from llamahome.model.lora import LoraConfig
 from llamahome.parallel.mesh import Rules
@@ -145,7 +146,7 @@ def batch_shards(mesh: Mesh | None, rules: Rules | None) -> int:
 class Slots:
     """Everything on device that a slot carries from one step to the next."""
 
-    cache: KVCache  # per-layer k, v [B, S, kv_heads, head_dim]; index [B]: tokens in the row
+    cache: KVCache  # per-layer k [B, kv_heads, h, S], v [B, kv_heads, S, h]; index [B]: length
     last: jax.Array  # [B] int32 the token each slot feeds next (its last sampled one)
     count: jax.Array  # [B] int32 tokens generated so far: the next draw's key index
     seed: jax.Array  # [B] uint32 the request's seed
@@ -180,7 +181,7 @@ class _Outputs:
 
 def _slot_axes(config: LlamaConfig) -> Slots:
     """Logical axes of the slots: batch and kv_heads sharded like the model's activations."""
-    layer = PartitionSpec("batch", None, "kv_heads", None)
+    layer = PartitionSpec("batch", "kv_heads", None, None)
     rows = PartitionSpec("batch")
     cache = KVCache(k=(layer,) * config.num_layers, v=(layer,) * config.num_layers,
                     segment_ids=PartitionSpec("batch", None), index=rows)
@@ -253,16 +254,18 @@ def _prefill(params, adapters, slots: Slots, slot, tokens, length, seed, samplin
     token, extras = _draw(logits[:, 0].astype(jnp.float32), seed, jnp.zeros((k,), jnp.int32),
                           sampling, seen, outputs)
 
-    def put(whole, part):  # part [k, <= whole's length, ...] into rows `slot` of whole [B, ...]
-        return whole.at[slot, :part.shape[1]].set(part.astype(whole.dtype), mode="drop")
+    def put(whole, part, axis=1):  # part [k, ...] into rows `slot` of whole [B, ...], its
+        # `axis` (slots) no longer than whole's
+        index = (slot, *(slice(None),) * (axis - 1), slice(0, part.shape[axis]))
+        return whole.at[index].set(part.astype(whole.dtype), mode="drop")
     max_len = slots.cache.max_len
     if c.sliding_window is not None:  # a rolling cache (kv_cache.py): the latest max_len slots
         rows = to_ring(rows, length, max_len)
         kv_segments = rows.segment_ids
     else:
         kv_segments = jnp.pad(segment_ids, ((0, 0), (0, max_len - bucket)))
-    cache = KVCache(k=tuple(map(put, slots.cache.k, rows.k)),
-                    v=tuple(map(put, slots.cache.v, rows.v)),
+    cache = KVCache(k=tuple(put(whole, part, K_AXIS) for whole, part in zip(slots.cache.k, rows.k)),
+                    v=tuple(put(whole, part, V_AXIS) for whole, part in zip(slots.cache.v, rows.v)),
                     segment_ids=put(slots.cache.segment_ids, kv_segments),
                     index=slots.cache.index.at[slot].set(length, mode="drop"))
     slots = Slots(cache=cache, last=slots.last.at[slot].set(token, mode="drop"),

@@ -16,6 +16,11 @@ Every implementation is `attend(q, k, v, mask, causal=False) -> out` with
             an implementation may skip the blocks above the diagonal.
 Softmax runs in float32. Masked logits are set to the float32 minimum, not -inf, so even an
 all-False row stays finite. Add an implementation with `@register("name")`.
+
+With a KV cache the model calls `attend_cached`, whose keys and values are the cache's
+layers (kv_cache.py: keys [batch, kv_heads, head_dim, kv_len], values [batch, kv_heads,
+kv_len, head_dim]); "xla" reads them as stored, another implementation gets them in the
+layout above.
 """
 
 from __future__ import annotations
@@ -148,11 +153,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     [0, (i + 1) * block) only: on CPU that skips ~half the work and keeps each block's
     [rows, keys] probabilities small enough to stay in cache.
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads, kv_len = k.shape[2], k.shape[1]
-    # [B, k, g, T, h]: the query heads of one kv head next to each other.
-    q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    q = q.transpose(0, 2, 3, 1, 4)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    q = _grouped(q, k.shape[2])
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, k, S, h]
     step = block if causal else q_len
     outs = []
@@ -161,8 +163,38 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         keys = end if causal else kv_len
         outs.append(_attend(q[:, :, :, start:end], k[:, :, :keys], v[:, :, :keys],
                             mask[:, :, start:end, :keys]))
-    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, k, g, T, h]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+    return _ungrouped(jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0])
+
+
+def _grouped(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q [B, T, n, h] scaled by 1/sqrt(h), as [B, k, g, T, h]: the query heads of one kv head
+    next to each other."""
+    batch, q_len, heads, head_dim = q.shape
+    q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    return q.transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(out: jax.Array) -> jax.Array:
+    """[B, k, g, T, h] -> [B, T, n, h]."""
+    batch, kv_heads, groups, q_len, head_dim = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, kv_heads * groups, head_dim)
+
+
+def attend_cached(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
+                  mask: jax.Array) -> jax.Array:
+    """Implementation `name` of q [B, T, n, h] over a KV cache layer: keys k [B, kv, h, S],
+    values v [B, kv, S, h] (kv_cache.py), mask [B, 1, T, S] -> [B, T, n, h].
+
+    "xla" multiplies the cache as stored: q . k as [g, h] @ [h, S] and probs . v as
+    [g, S] @ [S, h] per row and kv head, the layouts XLA's dots want, so a decode step reads
+    each layer's cache once and copies none of it.
+    """
+    if name != "xla":
+        return get_attention(name)(q, k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3), mask)
+    logits = jnp.einsum("bkgth,bkhs->bkgts", _grouped(q, k.shape[1]), k,
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask[:, :, None], logits, _MASKED), axis=-1)
+    return _ungrouped(jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v))
 
 
 def _probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:

@@ -60,7 +60,7 @@ from llamahome.model import attention as attention_lib
 from llamahome.model import lora as lora_lib
 from llamahome.model import quant
 from llamahome.model.attention import apply_rope, inverse_frequencies, rope_angles
-from llamahome.model.kv_cache import KVCache, ring_slots, write_ring, write_slots
+from llamahome.model.kv_cache import K_AXIS, V_AXIS, KVCache, ring_slots, write_ring, write_slots
 from llamahome.model.lora import LoraConfig
 
 # --- The config ---
@@ -495,14 +495,15 @@ class Attention(nn.Module):
         key = _constrain(apply_rope(key, sin, cos), "batch", "length", "kv_heads", None)
         value = _constrain(value, "batch", "length", "kv_heads", None)
 
-        if layer_cache is not None:  # [B, max_len, kv_heads, head_dim] each
+        if layer_cache is not None:  # keys [B, k, h, max_len], values [B, k, max_len, h]
             write = write_slots if c.sliding_window is None else write_ring
-            key = write(layer_cache[0], key, cache_index)
-            value = write(layer_cache[1], value, cache_index)
+            key = write(layer_cache[0], key.transpose(0, 2, 3, 1), cache_index, K_AXIS)
+            value = write(layer_cache[1], value.transpose(0, 2, 1, 3), cache_index, V_AXIS)
             layer_cache = (key, value)
-
-        out = attention_lib.get_attention(c.attention_impl)(  # [B, T, n, h]
-            q, key, value, mask, causal=layer_cache is None)
+            out = attention_lib.attend_cached(c.attention_impl, q, key, value, mask)
+        else:
+            out = attention_lib.get_attention(c.attention_impl)(  # [B, T, n, h]
+                q, key, value, mask, causal=True)
         out = checkpoint_name(_projection(self, "o_proj", out, (n, h, d),  # [B, T, d]
                                           ("heads", "head_dim", "embed"), in_dims=2),
                               "attention_out")
@@ -853,11 +854,11 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int,
     """
     if rolling and config.sliding_window is not None:
         max_len = min(max_len, config.sliding_window)
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    rows, heads, dim = batch_size, config.num_kv_heads, config.head_dim
     dtype = dtype or config.compute_dtype
     layers = range(config.num_layers)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+    return KVCache(k=tuple(jnp.zeros((rows, heads, dim, max_len), dtype) for _ in layers),
+                   v=tuple(jnp.zeros((rows, heads, max_len, dim), dtype) for _ in layers),
                    segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
                    index=jnp.zeros((batch_size,) if per_row else (), jnp.int32))
 

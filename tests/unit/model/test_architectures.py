@@ -124,7 +124,7 @@ def test_rolling_cache_decodes_past_the_window_like_the_full_forward(root):
         np.testing.assert_allclose(np.asarray(logits)[:, 0], reference[:, t], atol=1e-4, rtol=0)
     # The serving engine (and so generate) holds the same ring: WINDOW slots per row, not 64.
     core = EngineCore(config, params, max_batch=2, max_seq_len=64)
-    assert core.slots.cache.k[0].shape == (2, WINDOW, 2, 8)
+    assert core.slots.cache.k[0].shape == (2, 2, 8, WINDOW)  # [B, kv_heads, head_dim, slots]
 
 
 def test_every_variation_at_once_takes_lora_adapters():
