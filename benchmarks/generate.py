@@ -109,6 +109,7 @@ def main() -> None:
     import gin  # noqa: PLC0415
 
     from llamahome.config import gin_config  # noqa: PLC0415
+    from llamahome.infer.engine import engine_params  # noqa: PLC0415
     from llamahome.infer.generate import generate  # noqa: PLC0415
     from llamahome.model.llama import LlamaConfig, init_params  # noqa: PLC0415
 
@@ -124,7 +125,10 @@ def main() -> None:
               "new_tokens": args.new_tokens, "dtype": args.dtype,
               "load_average_start": os.getloadavg()[0], "llamahome": {}, "transformers": {},
               "decode_ratio": {}, "same_tokens": {}}
-    sides = {"llamahome": lambda prompts, n: generate(params, config, prompts,
+    # Laid out for the engine once, as a Generator (the generate job, serve) holds them, and
+    # as transformers' model is loaded once.
+    ours = engine_params(params)
+    sides = {"llamahome": lambda prompts, n: generate(ours, config, prompts,
                                                        max_new_tokens=n).tokens}
     if not args.skip_transformers:
         sides["transformers"], info = transformers_runner(config, params, args.dtype)

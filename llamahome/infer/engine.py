@@ -77,7 +77,8 @@ from jax.sharding import Mesh, PartitionSpec
 from llamahome.errors import ConfigError, UserError
 from llamahome.infer.samplers import SamplerConfig, row_settings, sample_rows, sampler_settings
 from llamahome.model.kv_cache import K_AXIS, V_AXIS, KVCache, to_ring
-from llamahome.model.llama import Llama, LlamaConfig, decode_layout, init_cache, unstack_layers
+from llamahome.model.llama import (Llama, LlamaConfig, decode_layout, in_decode_layout, init_cache,
+                                   unstack_layers)
 from llamahome.model.lora import LoraConfig
 from llamahome.parallel.mesh import Rules
 
@@ -315,6 +316,16 @@ _unstack_layers = jax.jit(unstack_layers)
 _decode_layout = jax.jit(decode_layout)
 
 
+def engine_params(params: dict, mesh: Mesh | None = None) -> dict:
+    """`params` as the engine reads them (llama.decode_layout: a copy of the weights with each
+    projection [out, in]), or `params` themselves when already so. An engine makes the copy
+    itself; hold on to this one to start many (`generate` calls) without one copy each."""
+    if in_decode_layout(params):
+        return params
+    with contextlib.nullcontext() if mesh is None else jax.sharding.set_mesh(mesh):
+        return _decode_layout(params)
+
+
 # --- Driving the slots ---
 
 @dataclasses.dataclass(frozen=True)
@@ -353,8 +364,8 @@ class EngineCore:
         self.config, self.max_batch, self.max_seq_len = config, max_batch, max_seq_len
         self.mesh, self.keep_logits = mesh, keep_logits
         self.model = _Model(config, lora, None if mesh is None else tuple(rules))
+        self.params = engine_params(params, mesh)
         with self._on_mesh():
-            self.params = _decode_layout(params)
             self.adapters = _unstacked(adapters)
             self.slots = _init_slots(model=self.model, batch=max_batch, max_len=max_seq_len)
         self.requests: list[Request | None] = [None] * max_batch

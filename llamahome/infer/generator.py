@@ -30,6 +30,7 @@ from absl import logging
 
 from llamahome.data.tokenizer import Tokenizer, TokenizerSpec, tokenizer_from_spec
 from llamahome.errors import UserError
+from llamahome.infer.engine import engine_params
 from llamahome.infer.generate import stream_generate
 from llamahome.infer.samplers import SamplerConfig
 from llamahome.model.checkpoints import LoadedModel, load_model
@@ -168,7 +169,8 @@ class Generator:
         if tokenizer.vocab_size > config.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model "
                             f"{config.name!r} only {config.vocab_size}; use the model's tokenizer")
-        self.config, self.params, self.tokenizer = config, params, tokenizer
+        # Laid out for the engine once, not at every generate call.
+        self.config, self.params, self.tokenizer = config, engine_params(params, mesh), tokenizer
         self.mesh, self.rules = mesh, rules
         self.lora, self.adapters = lora, adapters  # a LoRA adapter on the base (model/lora.py)
         self.add_bos, self.stop_strings = add_bos, tuple(stop_strings)

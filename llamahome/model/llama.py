@@ -811,6 +811,12 @@ _OUT_MAJOR = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
               "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
+def in_decode_layout(params: dict) -> bool:
+    """Whether `params` are already `decode_layout`'s (checked on shapes, no copy)."""
+    return (isinstance(params["layers"], (tuple, list)) and jax.tree.structure(
+        jax.eval_shape(decode_layout, params)) == jax.tree.structure(params))
+
+
 def decode_layout(params: dict) -> dict:
     """`params` as the decoding engine reads them fastest: layers unstacked (`unstack_layers`)
     and every dense projection (and an untied `lm_head`) as an `OutMajor` copy. Quantized

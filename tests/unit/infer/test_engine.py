@@ -188,6 +188,16 @@ def test_a_decode_step_reads_the_cache_and_weights_in_place():
     assert scratch < core.slots.cache.k[0].nbytes  # 8 rows x 2 heads x 8 x 256 slots x 4 B
 
 
+def test_weights_are_laid_out_for_the_engine_once(params):
+    """engine_params makes the engine's copy ([out, in] projections) once: an engine, or a
+    Generator's every generate call, given that copy uses it as it is."""
+    laid = engine_lib.engine_params(params)
+    assert laid is not params and engine_lib.engine_params(laid) is laid
+    assert engine_lib.EngineCore(CONFIG, laid, max_batch=1, max_seq_len=MAX_LEN).params is laid
+    assert generate(laid, CONFIG, [[1, 2, 3]], max_new_tokens=4).tokens == generate(
+        params, CONFIG, [[1, 2, 3]], max_new_tokens=4).tokens
+
+
 def test_cancel_frees_the_slot_within_one_step(small_engine, prompts):
     handle = small_engine.submit(prompts[0], 60)
     events = iter(handle)
