@@ -175,10 +175,10 @@ def wait_until(condition, timeout=60.0):
         time.sleep(0.001)
 
 
-def test_a_decode_step_reads_the_cache_and_weights_in_place():
+def test_a_decode_step_reads_the_cache_in_place():
     """The compiled step needs less scratch memory than one layer's keys: it copies no cache
     layer into attention's layout (the [B, S, kv, h] cache took 290 KiB here, 2.3 layers) and
-    no weight (the smallest is 8 KB); it updates the donated cache in place."""
+    updates the donated cache in place."""
     config = CONFIG.replace(max_seq_len=256)
     core = engine_lib.EngineCore(config, init_params(config, jax.random.key(1)), max_batch=8,
                                  max_seq_len=256)
