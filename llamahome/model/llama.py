@@ -311,17 +311,16 @@ class OutMajor:
     reads a weight in either layout; training and checkpoints keep [*fan_in, *fan_out].
     """
 
-    values: jax.Array  # [*fan_out, *fan_in]
-    in_dims: int = dataclasses.field(metadata={"static": True})
+    values: jax.Array  # [*fan_out, *fan_in]; how many axes are fan-in is the caller's in_dims
 
     def astype(self, dtype) -> OutMajor:
-        return OutMajor(self.values.astype(dtype), self.in_dims)
+        return OutMajor(self.values.astype(dtype))
 
 
 def to_out_major(w: jax.Array, in_dims: int) -> OutMajor:
     """[*fan_in, *fan_out] -> OutMajor [*fan_out, *fan_in] (a transposed copy)."""
     order = (*range(in_dims, w.ndim), *range(in_dims))
-    return OutMajor(jnp.transpose(w, order), in_dims)
+    return OutMajor(jnp.transpose(w, order))
 
 
 def _matmul(x: jax.Array, w: jax.Array | OutMajor, in_dims: int = 1) -> jax.Array:
